@@ -1,0 +1,136 @@
+"""Model builders with fixed sizes: the MLA models and their same-size GQA (and MHA) controls.
+
+Every MLA builder accepts keyword overrides of its ``MLAConfig`` (e.g. ``max_seq_len``, ``kernel_backend``), so a
+YAML config can write ``model: {_component_: mla_components.models.mla_tiny, kernel_backend: torch}``.
+"""
+
+from typing import Any
+
+from torchtune.models.llama3_2 import llama3_2
+from torchtune.modules import TransformerDecoder
+
+from mla_components.models._component_builders import mla
+from mla_components.models._config import MLAConfig
+
+# Latent 512 + rope 64 = 576 cached values per token and layer: the head size vLLM's MLA backends require.
+MLA_TINY = MLAConfig(
+    vocab_size=512,  # byte-level tokenizer: 256 bytes + special tokens, padded
+    num_layers=4,
+    num_heads=4,
+    embed_dim=256,
+    intermediate_dim=768,
+    max_seq_len=8192,
+    q_lora_rank=128,
+    kv_lora_rank=512,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=64,
+    v_head_dim=64,
+    rope_base=10_000.0,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 2048,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+MLA_1B = MLAConfig(
+    vocab_size=128_256,  # Llama-3 tokenizer
+    num_layers=16,
+    num_heads=16,
+    embed_dim=2048,
+    intermediate_dim=8192,
+    max_seq_len=131_072,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    rope_base=10_000.0,
+    # Trained at 8k, extended 16x with YaRN (DeepSeek-V3 style: mscale = mscale_all_dim = 1).
+    rope_scaling={
+        "type": "yarn",
+        "factor": 16.0,
+        "original_max_position_embeddings": 8192,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def mla_tiny(**overrides: Any) -> TransformerDecoder:
+    """Tiny MLA model for CPU tests and demos: 4 layers, d=256, 4 heads, q_lora 128, latent 512 + rope 64,
+    nope/v 64, FFN 768, vocab 512, YaRN x4 over 2048 positions; 4,920,064 parameters (untied output)."""
+    return mla(MLA_TINY.replace(**overrides))
+
+
+def mla_1b(**overrides: Any) -> TransformerDecoder:
+    """MLA 1B: 16 layers, d=2048, 16 heads, q_lora 1536, latent 512 + rope 64, nope/v 128, FFN 8192,
+    vocab 128256 (Llama-3 tokenizer), tied embeddings, YaRN x16 over 8k = 128k context; 1,313,441,792
+    parameters. KV cache: 576 values x 16 layers = 18,432 bytes per token in bf16."""
+    return mla(MLA_1B.replace(**overrides))
+
+
+def gqa_tiny(max_seq_len: int = MLA_TINY.max_seq_len) -> TransformerDecoder:
+    """GQA control for ``mla_tiny`` from Torchtune's llama3_2 parts: same d, layers, FFN, vocab and output;
+    4 query heads / 2 KV heads of 64 dims; 3,410,176 parameters (MLA's 512-wide latent makes mla_tiny's
+    attention larger at this width)."""
+    return llama3_2(
+        vocab_size=MLA_TINY.vocab_size,
+        num_layers=MLA_TINY.num_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=MLA_TINY.embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=MLA_TINY.intermediate_dim,
+        norm_eps=MLA_TINY.norm_eps,
+        rope_base=10_000,
+        scale_factor=4,
+        tie_word_embeddings=MLA_TINY.tie_word_embeddings,
+    )
+
+
+def gqa_1b(max_seq_len: int = MLA_1B.max_seq_len) -> TransformerDecoder:
+    """GQA control for ``mla_1b``: the Llama-3.2-1B architecture (32 query / 8 KV heads of 64 dims) with the
+    same d, layers, FFN, vocab and tied embeddings; 1,235,814,400 parameters. KV cache: 2 x 8 x 64 x 16 layers
+    = 32,768 bytes per token in bf16."""
+    return llama3_2(
+        vocab_size=MLA_1B.vocab_size,
+        num_layers=MLA_1B.num_layers,
+        num_heads=32,
+        num_kv_heads=8,
+        embed_dim=MLA_1B.embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=MLA_1B.intermediate_dim,
+        norm_eps=1e-5,
+        rope_base=500_000,
+        scale_factor=32,
+        tie_word_embeddings=True,
+    )
+
+
+def mha_1b(max_seq_len: int = MLA_1B.max_seq_len) -> TransformerDecoder:
+    """MHA-equivalent of ``mla_1b`` for cache comparisons (DeepSeek-V2's baseline): 16 heads x 128 dims with full
+    K/V; 1,336,477,696 parameters; 2 x 16 x 128 x 16 layers = 131,072 bytes per token in bf16."""
+    return llama3_2(
+        vocab_size=MLA_1B.vocab_size,
+        num_layers=MLA_1B.num_layers,
+        num_heads=16,
+        num_kv_heads=16,
+        embed_dim=MLA_1B.embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=MLA_1B.intermediate_dim,
+        norm_eps=1e-5,
+        rope_base=500_000,
+        scale_factor=32,
+        tie_word_embeddings=True,
+    )

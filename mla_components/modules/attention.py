@@ -13,6 +13,8 @@ Two ways to compute the same function:
 
 import torch
 import torch.nn.functional as F
+from mla_kernels.backend import resolve_backend
+from mla_kernels.reference import absorbed_attention_torch
 from torch import nn
 from torchtune.modules.attention_utils import _MaskType
 
@@ -30,6 +32,12 @@ def _out_features(module: nn.Module) -> int:
 
 def _in_features(module: nn.Module) -> int:
     return module.weight.shape[1]
+
+
+# Cached steps with at most this many new tokens per sequence are decode steps: the absorbed path over the latent
+# cache (the Triton kernel with that backend; each query row streams the cache once). Longer chunks are prefill:
+# they expand the cached prefix once and run SDPA.
+TRITON_DECODE_MAX_QUERIES = 4
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -223,7 +231,13 @@ class MultiHeadLatentAttention(nn.Module):
                 keys = torch.arange(self.kv_cache.max_seq_len, device=x.device)
                 queries = torch.arange(filled - s_x, filled, device=x.device)
                 mask = (keys[None, :] <= queries[:, None]).unsqueeze(0).expand(b, -1, -1)
-            out = self._absorbed_attention(q_nope, q_pe, c_kv[:b], k_pe[:b], mask)
+            if s_x > TRITON_DECODE_MAX_QUERIES:
+                # A prefill chunk: expanding the filled prefix once and running SDPA over it beats the absorbed
+                # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill.
+                filled = self.kv_cache.size
+                out = self._expanded_attention(q_nope, q_pe, c_kv[:b, :filled], k_pe[:b, :filled], mask[..., :filled])
+            else:
+                out = self._absorbed_attention(q_nope, q_pe, c_kv[:b], k_pe[:b], mask)
         else:
             out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask)
         return self.output_proj(out.reshape(b, s_x, self.num_heads * self.v_head_dim))
@@ -248,12 +262,43 @@ class MultiHeadLatentAttention(nn.Module):
         """
         w_uk, w_uv = self._kv_b_weights()
         q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-        scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
-        scores = scores.float() * self.softmax_scale
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
-        out_latent = torch.einsum("bsht,btc->bshc", probs, c_kv)
+        if (
+            q_latent.shape[1] <= TRITON_DECODE_MAX_QUERIES
+            and resolve_backend(self.kernel_backend, q_latent.device) == "triton"
+        ):
+            out_latent = self._triton_latent_decode(q_latent, q_pe, c_kv, k_pe, mask)
+        else:
+            out_latent = absorbed_attention_torch(q_latent, q_pe, c_kv, k_pe, mask, self.softmax_scale)
         return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+
+    def _triton_latent_decode(
+        self,
+        q_latent: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """The fused flash-decode kernel over the cache: ``q_latent [b, s, n_h, d_c]`` -> ``[b, s, n_h, d_c]``.
+
+        Keys past the cache's fill level are never read (lengths come from the cache position, a device tensor,
+        so no host sync and CUDA-graph safe); ``mask [b, s, t]`` selects among the filled ones.
+        """
+        from mla_kernels.mla_decode import mla_decode  # imports Triton only when this backend runs
+
+        b, s, n_h, d_c = q_latent.shape
+        filled = self.kv_cache.cache_pos[:1].to(torch.int32)
+        seq_lens = filled.expand(b * s).contiguous()
+        out, _ = mla_decode(
+            q_latent.reshape(b * s, n_h, d_c),
+            q_pe.reshape(b * s, n_h, -1).to(q_latent.dtype),
+            c_kv,
+            k_pe,
+            seq_lens,
+            self.softmax_scale,
+            key_mask=mask,
+        )
+        return out.view(b, s, n_h, d_c)
 
     def _expanded_attention(
         self,

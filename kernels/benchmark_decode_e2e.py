@@ -1,0 +1,151 @@
+"""Per-token decode latency of whole models at long context: mla_1b (triton / torch backends) vs gqa_1b.
+
+    python -O -m mla_kernels.benchmark_decode_e2e --contexts 32768 131072 --json e2e.json
+
+(``-O`` strips the ``assert`` on the cache position in Torchtune's ``KVCache.update`` and ``MLAKVCache.update``:
+it reads a device tensor on the host, which CUDA-graph capture forbids.)
+
+Random bf16 weights (speed does not depend on their values), batch 1. The caches are filled with random values
+and their position advanced to the context length (a 128k prefill would only cost time and memory here), then one
+decode step (token, position, mask over the whole cache as Torchtune's ``generate`` passes it) is timed: eagerly,
+and replayed from a CUDA graph (what a serving loop would do). Median of ``--steps`` steps after warm-up.
+Per token, MLA reads 18,432 B of cache per position (16 layers x 576 x 2 B), GQA 32,768 B.
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+
+import torch
+
+from mla_components.models import gqa_1b, mla_1b
+from mla_components.modules import MLAKVCache
+
+
+def build(name: str, max_seq_len: int) -> torch.nn.Module:
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            if name == "gqa_1b":
+                model = gqa_1b(max_seq_len=max_seq_len)
+            else:
+                model = mla_1b(max_seq_len=max_seq_len, kernel_backend=name.split(":")[1])
+        finally:
+            torch.set_default_dtype(torch.float32)
+    return model.to("cuda").eval()  # some builders create buffers on the CPU explicitly
+
+
+def fill_caches(model: torch.nn.Module, context: int) -> int:
+    """Random cache contents for positions ``0 .. context-1``; returns the cache bytes per position."""
+    per_position = 0
+    for module in model.modules():
+        if isinstance(module, MLAKVCache):
+            module.cache.normal_()
+            module.cache_pos.add_(context)
+            per_position += module.cache[0, 0].numel() * module.cache.element_size()
+        elif hasattr(module, "k_cache") and hasattr(module, "cache_pos"):
+            module.k_cache.normal_()
+            module.v_cache.normal_()
+            module.cache_pos.add_(context)
+            per_position += 2 * module.k_cache[0, :, 0].numel() * module.k_cache.element_size()
+    return per_position
+
+
+def time_decode(model, context: int, steps: int, graph: bool) -> list[float]:
+    max_seq = model.decoder_max_cache_seq_len
+    token = torch.randint(0, 1000, (1, 1), device="cuda")
+    input_pos = torch.tensor([[context]], device="cuda")
+    mask = (torch.arange(max_seq, device="cuda") <= context).view(1, 1, max_seq)
+
+    def step():
+        return model(token, input_pos=input_pos, mask=mask)
+
+    with torch.no_grad():
+        for _ in range(3):
+            step()
+        run = step
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step()
+            torch.cuda.current_stream().wait_stream(stream)
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                step()
+            run = cuda_graph.replay
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(steps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--models", nargs="+", default=["mla_1b:triton", "mla_1b:torch", "gqa_1b"])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--json")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one decode step")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmark_decode_e2e needs a CUDA device", file=sys.stderr)
+        return 2
+    results = []
+    for context in args.contexts:
+        headroom = 3 * args.steps + 64  # each timed step advances the cache position by one
+        for name in args.models:
+            model = build(name, max_seq_len=context + headroom)
+            with torch.device("cuda"):  # Torchtune's KVCache is allocated on the current default device
+                model.setup_caches(batch_size=1, dtype=torch.bfloat16, decoder_max_seq_len=context + headroom)
+            per_position = fill_caches(model, context)
+            row = dict(model=name, context=context, cache_bytes_per_position=per_position,
+                       cache_gb_read_per_token=per_position * context / 1e9)  # fmt: skip
+            for mode in ("eager", "graph"):
+                try:
+                    row[f"{mode}_ms"] = statistics.median(time_decode(model, context, args.steps, mode == "graph"))
+                except Exception as err:  # report, keep going (e.g. a capture that a host sync breaks)
+                    row[f"{mode}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    torch.cuda.synchronize()
+                # rewind: the timed steps advanced every cache position
+                fill_caches_position(model, context)
+            if args.profile and name == args.models[0] and context == args.contexts[-1]:
+                profile_step(model, context)
+                fill_caches_position(model, context)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+    return 0
+
+
+def profile_step(model, context: int) -> None:
+    """Top GPU kernels (self CUDA time) of three eager decode steps of the first model at the last context."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time_decode(model, context, steps=3, graph=False)
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
+def fill_caches_position(model: torch.nn.Module, context: int) -> None:
+    """Set every cache's position back to ``context``."""
+    for module in model.modules():
+        if hasattr(module, "cache_pos") and (isinstance(module, MLAKVCache) or hasattr(module, "k_cache")):
+            module.cache_pos.copy_(torch.arange(context, context + module.cache_pos.numel(), device="cuda"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""MLA decode attention on one GPU: naive PyTorch vs absorbed PyTorch vs the fused Triton kernel.
+
+    python -m mla_kernels.benchmark_mla --json results.json            # the table of docs/results/kernels.md
+    python -m mla_kernels.benchmark_mla --sweep --json sweep.json      # stage-1 launch configs, per shape
+
+Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
+latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:
+
+- ``naive``: decompress the latent with ``kv_b_proj``'s weight into per-head K/V, then SDPA (the seed's baseline);
+- ``absorbed``: scores against the latent cache in PyTorch (the module's ``torch`` backend);
+- ``triton``: ``mla_kernels.mla_decode`` (split-KV flash-decode + reduction).
+
+Each op ends at the latent (or, for naive, per-head) attention output; the ``W_UV`` product after it is the same
+small matmul for both absorbed paths and is not timed. Bytes = latent cache + queries + latent output (the floor
+every method has to move). Times: CUDA events around each call, L2 flushed before each, median of ``--repeats``.
+Every method is replayed from a CUDA graph (as a serving loop runs decode steps; this removes Python and launch
+overhead, which would otherwise dominate the small shapes); ``triton_eager_ms`` in the JSON is the kernel
+launched eagerly from Python. ``--graph-max-tokens`` limits graphs to shapes with at most that many cached tokens.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import asdict
+
+import torch
+from mla_kernels.mla_decode import (
+    DecodeConfig,
+    decode_bytes,
+    decode_flops,
+    default_config,
+    last_stage1_report,
+    mla_decode,
+    num_sms,
+)
+from mla_kernels.reference import absorbed_attention_torch, naive_decode_torch
+
+SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 16384), (128, 4096)]
+D_C, D_R, D_N, D_V = 512, 64, 128, 128
+SOFTMAX_SCALE = (D_N + D_R) ** -0.5
+SWEEP_CONFIGS = [
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=2, ctas_per_sm=2),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=4, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=2, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=2, ctas_per_sm=4),
+    DecodeConfig(block_h=16, block_n=16, num_warps=4, num_stages=4, ctas_per_sm=2),
+    DecodeConfig(block_h=32, block_n=32, num_warps=4, num_stages=2, ctas_per_sm=2),
+    DecodeConfig(block_h=32, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=2),
+    DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=1),
+]
+# second round, around the first round's winners (one head block)
+EXTENDED_CONFIGS = [
+    DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=3, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=3, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=32, num_warps=8, num_stages=3, ctas_per_sm=2),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=3),
+    DecodeConfig(block_h=16, block_n=128, num_warps=8, num_stages=2, ctas_per_sm=1),
+    DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=2, ctas_per_sm=2),
+    DecodeConfig(block_h=16, block_n=64, num_warps=8, num_stages=2, ctas_per_sm=1, min_split_tokens=64),
+    DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2, min_split_tokens=64),
+]
+
+
+class Timer:
+    """Median device time of a zero-argument op, L2 flushed before every call."""
+
+    def __init__(self, repeats: int, warmup: int = 3) -> None:
+        self.repeats, self.warmup = repeats, warmup
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # > 50 MB L2
+
+    def __call__(self, op, graph: bool = False) -> list[float]:
+        for _ in range(self.warmup):
+            op()
+        run = op
+        if graph:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                op()  # allocations for the capture pool
+            torch.cuda.current_stream().wait_stream(stream)
+            cuda_graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cuda_graph):
+                op()
+            run = cuda_graph.replay
+            run()
+        times = []
+        for _ in range(self.repeats):
+            self.flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return times
+
+
+def copy_bandwidth_gbps(timer: Timer, gib: float = 2.0) -> float:
+    """Device-to-device copy, counting bytes read plus bytes written (GB/s = 1e9 B/s)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(timer(lambda: dst.copy_(src)))
+    return 2 * gib * 2**30 / (ms * 1e-3) / 1e9
+
+
+def make_problem(batch: int, length: int, heads: int, seed: int = 0) -> dict:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(batch, length, D_C + D_R, generator=gen, **bf16)
+    q_nope = torch.randn(batch, 1, heads, D_N, generator=gen, **bf16)
+    q_pe = torch.randn(batch, 1, heads, D_R, generator=gen, **bf16)
+    kv_b_weight = torch.randn(heads * (D_N + D_V), D_C, generator=gen, **bf16) * D_C**-0.5
+    w_uk = kv_b_weight.view(heads, D_N + D_V, D_C)[:, :D_N]
+    q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk).contiguous()
+    return dict(
+        c_kv=cache[..., :D_C],
+        k_pe=cache[..., D_C:],
+        q_nope=q_nope,
+        q_pe=q_pe,
+        q_latent=q_latent,
+        kv_b_weight=kv_b_weight,
+        seq_lens=torch.full((batch,), length, dtype=torch.int32, device="cuda"),
+    )
+
+
+def ops(p: dict, config: DecodeConfig | None = None) -> dict:
+    b, _, h, _ = p["q_latent"].shape
+    q_lat, q_pe = p["q_latent"].view(b, h, D_C), p["q_pe"].reshape(b, h, D_R)
+    return {
+        "naive": lambda: naive_decode_torch(
+            p["q_nope"], p["q_pe"], p["c_kv"], p["k_pe"], p["kv_b_weight"], SOFTMAX_SCALE
+        ),
+        "absorbed": lambda: absorbed_attention_torch(
+            p["q_latent"], p["q_pe"], p["c_kv"], p["k_pe"], None, SOFTMAX_SCALE
+        ),
+        "triton": lambda: mla_decode(q_lat, q_pe, p["c_kv"], p["k_pe"], p["seq_lens"], SOFTMAX_SCALE, config=config)[0],
+    }
+
+
+def naive_bytes_needed(batch: int, length: int, heads: int) -> int:
+    """Peak extra memory of the naive path: decompressed K/V, K with rope, and SDPA's copies (bf16)."""
+    return batch * length * heads * (D_N + D_V + D_N + D_R) * 2 * 2
+
+
+def run_table(args, timer: Timer, copy_gbps: float) -> list[dict]:
+    rows = []
+    free_bytes = torch.cuda.mem_get_info()[0]
+    for heads in args.heads:
+        for batch, length in args.shapes:
+            p = make_problem(batch, length, heads)
+            nbytes = decode_bytes(batch * length, batch, heads, D_C, D_R, 2)
+            graph = batch * length <= args.graph_max_tokens
+            row = dict(heads=heads, batch=batch, length=length, bytes=nbytes, graphed=graph,
+                       flops=decode_flops(batch * length, heads, D_C, D_R))  # fmt: skip
+            candidates = ops(p)
+            # correctness on the benchmarked data: triton vs the absorbed PyTorch path
+            t_out = candidates["triton"]().float()
+            a_out = candidates["absorbed"]().view(batch, heads, D_C).float()
+            row["max_abs_diff_vs_absorbed"] = (t_out - a_out).abs().max().item()
+            row["stage1_compiled"] = last_stage1_report()
+            row["triton_config"] = asdict(default_config(heads, batch, num_sms(torch.device("cuda")), length))
+            if graph and "triton" in args.methods:
+                timer.repeats = args.repeats
+                row["triton_eager_ms"] = statistics.median(timer(candidates["triton"], graph=False))
+            for name in args.methods:
+                if name == "naive" and naive_bytes_needed(batch, length, heads) > 0.8 * free_bytes:
+                    row[name] = None
+                    row[f"{name}_note"] = f"skipped: needs ~{naive_bytes_needed(batch, length, heads) / 1e9:.0f} GB"
+                    continue
+                reps = max(5, args.repeats // 5) if name == "naive" else args.repeats
+                timer.repeats = reps
+                try:
+                    ms = statistics.median(timer(candidates[name], graph=graph))
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row[name], row[f"{name}_note"] = None, "out of memory"
+                    continue
+                row[name] = dict(ms=ms, gbps=nbytes / (ms * 1e-3) / 1e9)
+                row[name]["pct_copy"] = 100 * row[name]["gbps"] / copy_gbps
+                torch.cuda.empty_cache()
+            if row.get("triton"):
+                for base in ("naive", "absorbed"):
+                    if row.get(base):
+                        row[f"speedup_vs_{base}"] = row[base]["ms"] / row["triton"]["ms"]
+            rows.append(row)
+            print_row(row)
+            del p, candidates
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run_sweep(args, timer: Timer, copy_gbps: float) -> list[dict]:
+    results = []
+    timer.repeats = args.repeats
+    for heads in args.heads:
+        for batch, length in args.shapes:
+            p = make_problem(batch, length, heads)
+            nbytes = decode_bytes(batch * length, batch, heads, D_C, D_R, 2)
+            for cfg in EXTENDED_CONFIGS if args.extended else SWEEP_CONFIGS:
+                if cfg.block_h > max(16, heads):
+                    continue
+                try:
+                    ms = statistics.median(timer(ops(p, cfg)["triton"], graph=batch * length <= args.graph_max_tokens))
+                except Exception as err:  # a config that does not compile (shared memory) is skipped
+                    error = f"{type(err).__name__}: {str(err)[:200]}"
+                    results.append(dict(heads=heads, batch=batch, length=length, config=asdict(cfg), error=error))
+                    continue
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                results.append(dict(heads=heads, batch=batch, length=length, config=asdict(cfg), ms=ms, gbps=gbps,
+                                    pct_copy=100 * gbps / copy_gbps, compiled=last_stage1_report()))  # fmt: skip
+                print(f"H={heads:3d} {batch:3d}x{length:6d} {asdict(cfg)} {ms * 1e3:8.1f} us {gbps:7.0f} GB/s")
+            del p
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_row(row: dict) -> None:
+    def cell(name):
+        r = row.get(name)
+        return f"{r['ms'] * 1e3:9.1f} {r['gbps']:7.0f} {r['pct_copy']:5.1f}%" if r else f"{'-':>9} {'-':>7} {'-':>6}"
+
+    speed = " ".join(f"{row.get(f'speedup_vs_{b}', float('nan')):7.1f}x" for b in ("naive", "absorbed"))
+    print(f"H={row['heads']:3d} {row['batch']:3d}x{row['length']:6d} | naive {cell('naive')} | absorbed "
+          f"{cell('absorbed')} | triton {cell('triton')} | {speed} | graph={row['graphed']}", flush=True)  # fmt: skip
+
+
+def _shape(text: str) -> tuple[int, int]:
+    batch, length = text.lower().split("x")
+    return int(batch), int(length)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--methods", nargs="+", default=["naive", "absorbed", "triton"])
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls per op (naive: a fifth)")
+    parser.add_argument("--graph-max-tokens", type=int, default=1 << 30, help="CUDA-graph shapes up to B*L tokens")
+    parser.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="BxL, e.g. 1x131072")
+    parser.add_argument("--sweep", action="store_true", help="time the stage-1 launch configs instead")
+    parser.add_argument("--extended", action="store_true", help="with --sweep: the second-round configs")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmark_mla needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    timer = Timer(args.repeats)
+    copy_gbps = copy_bandwidth_gbps(timer)
+    device = torch.cuda.get_device_name()
+    print(f"device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (read + write); torch {torch.__version__}")
+    print("columns per method: us, GB/s, % of copy; speedups of triton vs naive and vs absorbed")
+    result = dict(device=device, copy_gbps=copy_gbps, torch=torch.__version__, args=vars(args))
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if args.sweep:
+        result["sweep"] = run_sweep(args, timer, copy_gbps)
+    else:
+        result["rows"] = run_table(args, timer, copy_gbps)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,520 @@
+"""Fused MLA flash-decode over the latent KV cache (Triton), split-KV with a second reduction pass.
+
+Each query row attends, per head, to the cached latent rows ``[c_kv | k_pe]`` (``d_c + d_r`` values per token,
+576 for DeepSeek-V3) with the *absorbed* query ``q_latent = q_nope @ W_UK`` (``[H, d_c]``) and the rotated
+``q_pe`` (``[H, d_r]``)::
+
+    score[h, t] = (q_latent[h] . c_kv[t] + q_pe[h] . k_pe[t]) * softmax_scale
+    out[h]      = sum_t softmax(score[h])[t] * c_kv[t]          # latent space; W_UV is applied by the caller
+    lse[h]      = log(sum_t exp(score[h, t]))                    # natural log
+
+The latent row is read once per head block and serves as both key and value, so the kernel streams
+``seq_len * (d_c + d_r) * itemsize`` bytes and never materialises per-head K/V.
+
+Stage 1 (grid ``[head_blocks, splits, rows]``): every program takes one block of heads (padded to the MMA
+minimum of 16 rows) and one contiguous slice of one sequence's tokens, runs an fp32 online softmax over tiles of
+``BLOCK_N`` tokens, and writes a normalised partial output plus its log2-sum-exp. Stage 2 (grid
+``[rows, heads, d_c chunks]``) merges the partials. With one split, stage 1 writes the final output directly.
+The split count comes from the batch, the head blocks, the cache length and the SM count
+(:func:`choose_num_splits`) so that a single long sequence still fills the GPU.
+
+Caches: contiguous ``[B, T, d]`` (any strides with a unit last stride, e.g. views of ``MLAKVCache.cache``) or
+paged ``[num_blocks, page_size, d]`` with an int32 ``block_table [B, max_blocks]``. Lengths are per query row;
+an optional boolean ``key_mask`` additionally selects keys (Torchtune's generation masks, left padding).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MMA_MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
+MAX_SPLITS = 512
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the stage-1 kernel.
+
+    Args:
+        block_h: heads per program (>= 16; fewer real heads are masked).
+        block_n: tokens per tile of the online softmax.
+        num_warps, num_stages: Triton launch/pipelining parameters.
+        ctas_per_sm: stage-1 programs aimed for per SM when choosing the split count.
+        min_split_tokens: no split is shorter than this (per sequence), so short sequences use fewer splits.
+    """
+
+    block_h: int = 16
+    block_n: int = 32
+    num_warps: int = 4
+    num_stages: int = 2
+    ctas_per_sm: int = 2
+    min_split_tokens: int = 256
+
+
+def default_config(num_heads: int, rows: int, num_sms: int, max_len: int) -> DecodeConfig:
+    """Launch parameters from two H100 sweeps (``docs/results/kernels.md``).
+
+    32-token tiles with three pipeline stages win or come within ~2% of the best almost everywhere with one head
+    block (H <= 16); a few rows want two programs per SM, short caches want short splits (more programs).
+    More heads: 16-head blocks over 64-token tiles once rows x head blocks fill the SMs, else 64-head blocks
+    (each KV tile read once for 64 heads).
+    """
+    short = rows * max_len <= 16384
+    if num_heads <= MMA_MIN_ROWS or short:
+        if short:
+            return DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2, min_split_tokens=64)
+        if 4 <= rows < 16:
+            return DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2)
+        return DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=1)
+    if rows * triton.cdiv(num_heads, MMA_MIN_ROWS) >= num_sms:
+        return DecodeConfig(block_h=16, block_n=64, num_warps=4, num_stages=2, ctas_per_sm=1)
+    return DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=1)
+
+
+def choose_num_splits(
+    rows: int, head_blocks: int, max_len: int, num_sms: int, config: DecodeConfig, max_splits: int = MAX_SPLITS
+) -> int:
+    """Splits per sequence so that ``rows * head_blocks * splits`` programs fill ``ctas_per_sm * num_sms`` slots.
+
+    Never more splits than ``max_len / min_split_tokens`` (each split must amortise its partial-output write),
+    never fewer than one.
+    """
+    programs = rows * head_blocks
+    target = config.ctas_per_sm * num_sms
+    if programs >= target:
+        return 1
+    wanted = triton.cdiv(target, programs)
+    by_length = max(1, triton.cdiv(max_len, config.min_split_tokens))
+    return max(1, min(wanted, by_length, max_splits))
+
+
+_NUM_SMS: dict[int, int] = {}
+_LAST_STAGE1: dict = {}
+
+
+def last_stage1_report() -> dict:
+    """Registers, spills and shared memory of the most recent stage-1 launch (the compiler's view; GPU only)."""
+    kernel = _LAST_STAGE1.get("kernel")
+    if kernel is None or not hasattr(kernel, "n_regs"):
+        return {}
+    return dict(n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared_bytes=kernel.metadata.shared)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 8 for CPU tensors under the interpreter."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 inputs: exact products (the interpreter tests compare against fp64); bf16/fp16 use the tensor cores
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mla_decode_stage1(
+    q_lat_ptr,
+    q_pe_ptr,
+    ckv_ptr,
+    kpe_ptr,
+    seq_lens_ptr,
+    block_table_ptr,
+    key_mask_ptr,
+    out_ptr,
+    lse_ptr,
+    qk_scale,  # softmax_scale * log2(e)
+    num_heads,
+    queries_per_seq,
+    num_splits,
+    stride_ql_r,
+    stride_ql_h,
+    stride_qp_r,
+    stride_qp_h,
+    stride_ckv_b,
+    stride_ckv_t,
+    stride_kpe_b,
+    stride_kpe_t,
+    stride_bt_b,
+    stride_km_b,
+    stride_km_s,
+    stride_km_t,
+    stride_o_r,
+    stride_o_h,
+    stride_o_s,
+    stride_l_r,
+    stride_l_h,
+    D_C: tl.constexpr,
+    D_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: write the normalised output in its dtype and the natural-log lse
+    IEEE: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    pid_h = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    row = tl.program_id(2)
+    seq = row // queries_per_seq
+
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    head_ok = offs_h < num_heads
+    c_ok = offs_c < D_C
+    r_ok = offs_r < D_R
+
+    # This program's token slice: every split of a sequence gets an equal share (a multiple of BLOCK_N, at
+    # least MIN_SPLIT tokens), so ragged batches stay balanced and short sequences leave late splits empty.
+    seq_len = tl.load(seq_lens_ptr + row)
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(split_len, MIN_SPLIT)
+    start = pid_s * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    q_lat = tl.load(
+        q_lat_ptr + row * stride_ql_r + offs_h[:, None] * stride_ql_h + offs_c[None, :],
+        mask=head_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    )
+    q_pe = tl.load(
+        q_pe_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h + offs_r[None, :],
+        mask=head_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles must not produce NaN
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+
+    for tile in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        tok = tile + offs_n
+        tok_ok = tok < end
+        if PAGED:
+            page = tl.load(block_table_ptr + seq * stride_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0)
+            slot = page.to(tl.int64) * PAGE_SIZE + tok % PAGE_SIZE
+            ckv_rows = slot * stride_ckv_t
+            kpe_rows = slot * stride_kpe_t
+        else:
+            ckv_rows = seq.to(tl.int64) * stride_ckv_b + tok.to(tl.int64) * stride_ckv_t
+            kpe_rows = seq.to(tl.int64) * stride_kpe_b + tok.to(tl.int64) * stride_kpe_t
+        kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
+        kr = tl.load(kpe_ptr + kpe_rows[:, None] + offs_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+
+        scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+        scores = _dot(q_lat, tl.trans(kv), scores, IEEE)
+        scores = _dot(q_pe, tl.trans(kr), scores, IEEE)
+        scores = scores * qk_scale
+        keep = tok_ok
+        if HAS_MASK:
+            km = tl.load(
+                key_mask_ptr + seq * stride_km_b + (row % queries_per_seq) * stride_km_s + tok * stride_km_t,
+                mask=tok_ok,
+                other=0,
+            )
+            keep = keep & (km != 0)
+        scores = tl.where(keep[None, :], scores, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(kv.dtype), kv, acc, IEEE)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    store_mask = head_ok[:, None] & c_ok[None, :]
+    o_ptrs = out_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h + pid_s * stride_o_s + offs_c[None, :]
+    if DIRECT:
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(lse_ptr + row * stride_l_r + offs_h * stride_l_h, lse2 * 0.6931471805599453, mask=head_ok)
+    else:
+        tl.store(o_ptrs, out, mask=store_mask)
+        tl.store(lse_ptr + row * stride_l_r + offs_h * stride_l_h + pid_s, lse2, mask=head_ok)
+
+
+@triton.jit
+def _mla_decode_stage2(
+    part_out_ptr,  # fp32 [R, H, S, d_c], each split normalised
+    part_lse_ptr,  # fp32 [R, H, S], log2 domain
+    out_ptr,  # [R, H, d_c]
+    lse_ptr,  # fp32 [R, H], natural log
+    num_splits,
+    stride_po_r,
+    stride_po_h,
+    stride_po_s,
+    stride_pl_r,
+    stride_pl_h,
+    stride_o_r,
+    stride_o_h,
+    stride_l_r,
+    stride_l_h,
+    D_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_ALL_S: tl.constexpr,
+):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < D_C
+
+    lse_base = part_lse_ptr + row * stride_pl_r + head * stride_pl_h
+    offs_all = tl.arange(0, BLOCK_ALL_S)
+    all_lse = tl.load(lse_base + offs_all, mask=offs_all < num_splits, other=float("-inf"))
+    top = tl.max(all_lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # every split empty: weights 0, output 0, lse -inf
+    denom = tl.sum(tl.exp2(all_lse - top), axis=0)
+
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    out_base = part_out_ptr + row * stride_po_r + head * stride_po_h
+    for s0 in range(0, num_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_ok = offs_s < num_splits
+        weight = tl.exp2(tl.load(lse_base + offs_s, mask=s_ok, other=float("-inf")) - top)
+        part = tl.load(
+            out_base + offs_s[:, None] * stride_po_s + offs_c[None, :], mask=s_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        acc += tl.sum(weight[:, None] * part, axis=0)
+
+    safe = tl.where(denom > 0.0, denom, 1.0)
+    tl.store(out_ptr + row * stride_o_r + head * stride_o_h + offs_c, (acc / safe).to(out_ptr.dtype.element_ty), c_ok)
+    if pid_c == 0:
+        lse = tl.where(denom > 0.0, (top + tl.log2(safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(lse_ptr + row * stride_l_r + head * stride_l_h, lse)
+
+
+def _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask) -> None:
+    """Shape/dtype/device checks that raise a ValueError naming the argument (no device syncs)."""
+    if q_latent.ndim != 3 or q_pe.ndim != 3:
+        raise ValueError(
+            f"q_latent and q_pe must be [rows, heads, dim], got {tuple(q_latent.shape)} and {tuple(q_pe.shape)}"
+        )
+    if q_latent.shape[:2] != q_pe.shape[:2]:
+        raise ValueError(f"q_latent {tuple(q_latent.shape)} and q_pe {tuple(q_pe.shape)} differ in rows/heads")
+    if c_kv.ndim != 3 or k_pe.ndim != 3 or c_kv.shape[:2] != k_pe.shape[:2]:
+        raise ValueError(
+            f"c_kv and k_pe must be [batch, tokens, dim] (or [blocks, page, dim]) with equal leading dims, got "
+            f"{tuple(c_kv.shape)} and {tuple(k_pe.shape)}"
+        )
+    if q_latent.shape[2] != c_kv.shape[2] or q_pe.shape[2] != k_pe.shape[2]:
+        raise ValueError(
+            f"latent/rope widths differ: q_latent {q_latent.shape[2]} vs c_kv {c_kv.shape[2]}, "
+            f"q_pe {q_pe.shape[2]} vs k_pe {k_pe.shape[2]}"
+        )
+    dtypes = {t.dtype for t in (q_latent, q_pe, c_kv, k_pe)}
+    if len(dtypes) != 1 or q_latent.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q_latent, q_pe, c_kv, k_pe must share one of fp16/bf16/fp32, got {sorted(map(str, dtypes))}")
+    devices = {t.device for t in (q_latent, q_pe, c_kv, k_pe, seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
+    for name, t in dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe).items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit stride in its last dim (call .contiguous())")
+    rows = q_latent.shape[0]
+    if seq_lens.shape != (rows,):
+        raise ValueError(f"seq_lens must be [rows] = [{rows}], got {tuple(seq_lens.shape)}")
+    batch = c_kv.shape[0] if block_table is None else block_table.shape[0]
+    if block_table is not None and (block_table.ndim != 2 or block_table.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"block_table must be an int32 [batch, max_blocks] tensor, got {block_table.dtype}")
+    if batch == 0 or rows % batch:
+        raise ValueError(
+            f"query rows ({rows}) must be a multiple of the cache batch ({batch}): row r reads sequence "
+            f"r // (rows / batch)"
+        )
+    if key_mask is not None:
+        t_max = c_kv.shape[1] if block_table is None else block_table.shape[1] * c_kv.shape[1]
+        if key_mask.dtype != torch.bool or key_mask.ndim not in (2, 3) or key_mask.shape[-1] < 1:
+            raise ValueError(
+                f"key_mask must be a bool [rows, T] or [batch, rows/batch, T] tensor, got {key_mask.dtype} "
+                f"{tuple(key_mask.shape)}"
+            )
+        if key_mask.ndim == 2 and key_mask.shape[0] != rows:
+            raise ValueError(f"key_mask has {key_mask.shape[0]} rows, expected {rows}")
+        if key_mask.ndim == 3 and key_mask.shape[0] * key_mask.shape[1] != rows:
+            raise ValueError(f"key_mask {tuple(key_mask.shape)} does not cover {rows} query rows")
+        if key_mask.shape[-1] < t_max:
+            raise ValueError(f"key_mask covers {key_mask.shape[-1]} keys but the cache holds up to {t_max}")
+
+
+def mla_decode(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    seq_lens: torch.Tensor,
+    softmax_scale: float,
+    *,
+    block_table: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent-space MLA decode attention.
+
+    Args:
+        q_latent: absorbed queries ``[R, H, d_c]`` (``q_nope @ W_UK``); R query rows, R a multiple of the batch B.
+        q_pe: rotated rope queries ``[R, H, d_r]``.
+        c_kv: latent cache ``[B, T, d_c]``, or ``[num_blocks, page_size, d_c]`` with ``block_table``.
+        k_pe: rope-key cache, same leading dims as ``c_kv`` (both may be views of one ``[.., d_c + d_r]`` buffer).
+        seq_lens: int ``[R]``: row r attends to tokens ``0 .. seq_lens[r]-1`` of sequence ``r // (R / B)``.
+        softmax_scale: the pre-absorption scale ``(d_n + d_r)**-0.5`` (times YaRN's mscale**2).
+        block_table: int32 ``[B, max_blocks]`` of page ids (paged cache); None for a contiguous cache.
+        key_mask: optional bool ``[R, T]`` or ``[B, R/B, T]``; False drops a key (combined with ``seq_lens``).
+        num_splits: splits per sequence (None = :func:`choose_num_splits`).
+        config: launch parameters (None = :func:`default_config`).
+
+    Returns:
+        ``(out [R, H, d_c]`` in the input dtype, ``lse [R, H]`` fp32, natural log of the sum of exp(scores)).
+        A row with no key gets ``out = 0`` and ``lse = -inf``.
+    """
+    _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask)
+    rows, num_heads, d_c = q_latent.shape
+    d_r = q_pe.shape[2]
+    paged = block_table is not None
+    page_size = c_kv.shape[1] if paged else 1
+    max_len = block_table.shape[1] * page_size if paged else c_kv.shape[1]
+    cfg = config or default_config(num_heads, rows, num_sms(q_latent.device), max_len)
+    if cfg.block_h < MMA_MIN_ROWS or cfg.block_n < MMA_MIN_ROWS:
+        raise ValueError(f"config.block_h and config.block_n must be >= {MMA_MIN_ROWS} (tl.dot minimum)")
+    batch = block_table.shape[0] if paged else c_kv.shape[0]
+    queries_per_seq = rows // batch
+    block_h = max(MMA_MIN_ROWS, min(cfg.block_h, triton.next_power_of_2(num_heads)))
+    head_blocks = triton.cdiv(num_heads, block_h)
+    splits = num_splits or choose_num_splits(rows, head_blocks, max_len, num_sms(q_latent.device), cfg)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
+
+    device = q_latent.device
+    seq_lens = seq_lens.to(torch.int32)
+    if paged:
+        block_table = block_table.to(torch.int32)
+    out = torch.empty(rows, num_heads, d_c, device=device, dtype=q_latent.dtype)
+    lse = torch.empty(rows, num_heads, device=device, dtype=torch.float32)
+    if splits == 1:
+        part_out, part_lse = out, lse
+        po_strides = (out.stride(0), out.stride(1), 0)
+        pl_strides = (lse.stride(0), lse.stride(1))
+    else:
+        part_out = torch.empty(rows, num_heads, splits, d_c, device=device, dtype=torch.float32)
+        part_lse = torch.empty(rows, num_heads, splits, device=device, dtype=torch.float32)
+        po_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
+        pl_strides = (part_lse.stride(0), part_lse.stride(1))
+
+    if key_mask is not None:
+        mask_u8 = key_mask.view(torch.uint8)
+        if key_mask.ndim == 2:  # row r = b * qps + s
+            km_strides = (mask_u8.stride(0) * queries_per_seq, mask_u8.stride(0), mask_u8.stride(1))
+        else:
+            km_strides = tuple(mask_u8.stride())
+    else:
+        mask_u8, km_strides = seq_lens, (0, 0, 0)  # never read (HAS_MASK=False)
+
+    compiled = _mla_decode_stage1[(head_blocks, splits, rows)](
+        q_latent,
+        q_pe,
+        c_kv,
+        k_pe,
+        seq_lens,
+        block_table if paged else seq_lens,
+        mask_u8,
+        part_out,
+        part_lse,
+        softmax_scale * LOG2E,
+        num_heads,
+        queries_per_seq,
+        splits,
+        q_latent.stride(0),
+        q_latent.stride(1),
+        q_pe.stride(0),
+        q_pe.stride(1),
+        c_kv.stride(0),
+        c_kv.stride(1),
+        k_pe.stride(0),
+        k_pe.stride(1),
+        block_table.stride(0) if paged else 0,
+        *km_strides,
+        *po_strides,
+        *pl_strides,
+        D_C=d_c,
+        D_R=d_r,
+        BLOCK_C=max(MMA_MIN_ROWS, triton.next_power_of_2(d_c)),
+        BLOCK_R=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
+        BLOCK_H=block_h,
+        BLOCK_N=cfg.block_n,
+        MIN_SPLIT=max(cfg.block_n, cfg.min_split_tokens),
+        PAGE_SIZE=page_size,
+        PAGED=paged,
+        HAS_MASK=key_mask is not None,
+        DIRECT=splits == 1,
+        IEEE=q_latent.dtype == torch.float32,
+        NUM_STAGES=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    _LAST_STAGE1["kernel"] = compiled
+    if splits > 1:
+        block_c = min(64, triton.next_power_of_2(d_c))
+        _mla_decode_stage2[(rows, num_heads, triton.cdiv(d_c, block_c))](
+            part_out,
+            part_lse,
+            out,
+            lse,
+            splits,
+            *po_strides,
+            *pl_strides,
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            lse.stride(1),
+            D_C=d_c,
+            BLOCK_C=block_c,
+            BLOCK_S=min(32, triton.next_power_of_2(splits)),
+            BLOCK_ALL_S=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out, lse
+
+
+def decode_bytes(seq_lens_total: int, rows: int, num_heads: int, d_c: int, d_r: int, itemsize: int) -> int:
+    """Bytes a decode step must move: the latent cache once, the queries in, the latent output out."""
+    return seq_lens_total * (d_c + d_r) * itemsize + rows * num_heads * (d_c + d_r + d_c) * itemsize
+
+
+def decode_flops(seq_lens_total: int, num_heads: int, d_c: int, d_r: int) -> int:
+    """Multiply-adds x2 of ``Q K^T`` (d_c + d_r) and ``P V`` (d_c) for every head and key."""
+    return 2 * num_heads * seq_lens_total * (d_c + d_r + d_c)
+
+
+__all__ = [
+    "DecodeConfig",
+    "choose_num_splits",
+    "decode_bytes",
+    "decode_flops",
+    "default_config",
+    "last_stage1_report",
+    "mla_decode",
+    "num_sms",
+]

@@ -1,0 +1,68 @@
+"""Backend resolution, and the same checkpoint generating the same tokens with the torch and triton backends."""
+
+import pytest
+import torch
+from mla_kernels import backend
+from mla_kernels.backend import resolve_backend
+
+from mla_components.generation import greedy_generate
+from mla_components.models import mla_tiny
+
+
+def test_resolve_backend_rules(monkeypatch):
+    assert resolve_backend("torch", "cpu") == "torch"
+    assert resolve_backend("torch", "cuda") == "torch"
+    assert resolve_backend("auto", "cpu") == "torch"
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", "cpu") == "triton"
+    assert resolve_backend("auto", "cpu") == "torch", "the interpreter is for tests; auto never picks it"
+
+
+def test_resolve_backend_errors_name_the_fix(monkeypatch):
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        resolve_backend("cuda", "cpu")
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", "cpu")
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="pip install"):
+        resolve_backend("triton", "cuda")
+    assert resolve_backend("auto", "cuda") == "torch"
+
+
+def _tiny(kernel_backend, device):
+    torch.manual_seed(0)
+    model = mla_tiny(max_seq_len=256, kernel_backend=kernel_backend)
+    with torch.no_grad():
+        for p in model.parameters():  # a random model with peaked logits, so argmax is decisive
+            if p.ndim > 1:
+                p.normal_(0, 0.08)
+    return model.to(device).eval()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and not backend.triton_available(), reason="needs triton (interpreter on CPU)"
+)
+def test_mla_tiny_greedy_generation_same_tokens_with_torch_and_triton(device, monkeypatch):
+    from mla_kernels import mla_decode as mla_decode_module
+
+    if device.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = []
+    real = mla_decode_module.mla_decode
+    monkeypatch.setattr(mla_decode_module, "mla_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    prompts = torch.randint(1, 512, (2, 13), generator=torch.Generator().manual_seed(3)).to(device)
+    prompts[1, :4] = 0  # left padding: the decode masks are not plain prefixes
+    ref_model, tri_model = _tiny("torch", device), _tiny("triton", device)
+    tri_model.load_state_dict(ref_model.state_dict())
+    want, want_logits = greedy_generate(ref_model, prompts, max_new_tokens=6, pad_id=0)
+    assert calls == [], "the torch backend must not call the kernel"
+    got, got_logits = greedy_generate(tri_model, prompts, max_new_tokens=6, pad_id=0)
+    layers = len(tri_model.layers)
+    assert len(calls) == 5 * layers, "every decode step of every layer goes through the kernel (prefill does not)"
+    assert torch.equal(got, want)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)

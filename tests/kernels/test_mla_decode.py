@@ -1,0 +1,174 @@
+"""The fused MLA decode kernel against an fp64 reference (CPU: Triton interpreter; GPU: native).
+
+Every run allocates through a poisoned ``torch.empty`` (NaN floats, -1 ints), so outputs and split scratch that
+the kernels fail to write show up as NaN or wrong values.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mla_kernels import mla_decode as mla_decode_module  # noqa: E402
+from mla_kernels.mla_decode import DecodeConfig, choose_num_splits, mla_decode  # noqa: E402
+from mla_kernels.reference import mla_decode_reference  # noqa: E402
+
+# Small tiles so that short sequences still cover several tiles and splits.
+SMALL = DecodeConfig(block_n=16, min_split_tokens=16)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make every ``torch.empty`` inside the kernel wrapper return garbage instead of whatever memory held."""
+    real_empty = torch.empty
+
+    def empty(*size, dtype=None, device=None, **kwargs):
+        t = real_empty(*size, dtype=dtype, device=device, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(mla_decode_module.torch, "empty", empty)
+    yield
+    monkeypatch.setattr(mla_decode_module.torch, "empty", real_empty)
+
+
+def make_inputs(rows, heads, d_c, d_r, batch, tokens, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q_latent = torch.randn(rows, heads, d_c, generator=gen).to(device, dtype)
+    q_pe = torch.randn(rows, heads, d_r, generator=gen).to(device, dtype)
+    # one buffer holding [c_kv | k_pe] per token, like MLAKVCache
+    cache = torch.randn(batch, tokens, d_c + d_r, generator=gen).to(device, dtype)
+    return q_latent, q_pe, cache[..., :d_c], cache[..., d_c:]
+
+
+def check(got, want, atol, rtol=0.0):
+    out, lse = got
+    ref_out, ref_lse = want
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
+    assert not torch.isnan(lse).any(), "unwritten (NaN-poisoned) lse elements"
+    torch.testing.assert_close(out.double().cpu(), ref_out.cpu(), atol=atol, rtol=rtol)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse).cpu(), finite.cpu())
+    torch.testing.assert_close(lse.double().cpu()[finite.cpu()], ref_lse.cpu()[finite.cpu()], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("heads", [1, 5, 16])
+@pytest.mark.parametrize("splits", [1, 3, None], ids=["one_split", "three_splits", "auto_splits"])
+def test_ragged_contiguous_odd_lengths(poisoned, device, heads, splits):
+    # lengths: 1, odd, a multiple of the tile, not a multiple of it, the whole cache
+    lens = torch.tensor([1, 17, 32, 45, 64], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(5, heads, 64, 16, 5, 64, device)
+    scale = 1 / math.sqrt(24)
+    got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, scale, num_splits=splits, config=SMALL)
+    check(got, mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, scale), atol=2e-5)
+
+
+def test_128_heads_and_widths_that_are_not_powers_of_two(poisoned, device):
+    lens = torch.tensor([23, 9], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 128, 40, 8, 2, 24, device, seed=1)
+    got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.2, num_splits=2, config=SMALL)
+    check(got, mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.2), atol=2e-5)
+
+
+@pytest.mark.parametrize("page_size", [16, 8])
+def test_paged_cache_with_permuted_block_table(poisoned, device, page_size):
+    gen = torch.Generator().manual_seed(2)
+    lens = torch.tensor([5, 40, 31], dtype=torch.int32, device=device)
+    max_blocks = 48 // page_size
+    num_blocks = 3 * max_blocks + 2  # spare pages that no sequence owns
+    q_latent, q_pe, _, _ = make_inputs(3, 5, 32, 16, 1, 1, device, seed=3)
+    pages = torch.randn(num_blocks, page_size, 48, generator=gen).to(device)
+    block_table = torch.randperm(num_blocks, generator=gen)[: 3 * max_blocks].view(3, max_blocks)
+    block_table = block_table.to(device=device, dtype=torch.int32)
+    c_kv, k_pe = pages[..., :32], pages[..., 32:]
+    got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table, num_splits=2, config=SMALL)
+    want = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table)
+    check(got, want, atol=2e-5)
+
+
+def test_key_mask_and_several_queries_per_sequence(poisoned, device):
+    """Two query rows per sequence (a 2-token decode step) with left-padding/causal masks, as in generation."""
+    batch, per_seq, tokens = 2, 2, 40
+    q_latent, q_pe, c_kv, k_pe = make_inputs(batch * per_seq, 4, 32, 16, batch, tokens, device, seed=4)
+    mask = torch.ones(batch, per_seq, tokens, dtype=torch.bool)
+    mask[0, :, :7] = False  # left padding of sequence 0
+    mask[:, 0, 37] = False  # causal: the first query row does not see the second new token
+    mask = mask.to(device)
+    lens = torch.full((batch * per_seq,), 38, dtype=torch.int32, device=device)
+    got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.25, key_mask=mask, num_splits=3, config=SMALL)
+    want = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.25, key_mask=mask)
+    check(got, want, atol=2e-5)
+
+
+def test_empty_sequence_gives_zero_output_and_minus_inf_lse(poisoned, device):
+    lens = torch.tensor([0, 3], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 2, 32, 16, 2, 16, device, seed=5)
+    for splits in (1, 2):
+        out, lse = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, num_splits=splits, config=SMALL)
+        assert torch.equal(out[0].cpu(), torch.zeros_like(out[0]).cpu())
+        assert torch.isneginf(lse[0]).all()
+        check((out, lse), mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.3), atol=2e-5)
+
+
+def test_fp16_inputs(poisoned, device):
+    lens = torch.tensor([33, 50], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 5, 64, 16, 2, 50, device, dtype=torch.float16, seed=6)
+    out, lse = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.1, num_splits=2, config=SMALL)
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    check((out, lse), mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.1), atol=2e-3, rtol=2e-3)
+
+
+def test_bad_inputs_raise_before_launch(device):
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 4, 32, 16, 2, 16, device)
+    lens = torch.tensor([3, 4], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="seq_lens"):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, lens[:1], 0.3)
+    with pytest.raises(ValueError, match="latent/rope widths"):
+        mla_decode(q_latent, q_pe, c_kv[..., :16], k_pe, lens, 0.3)
+    with pytest.raises(ValueError, match="share one of"):
+        mla_decode(q_latent.half(), q_pe, c_kv, k_pe, lens, 0.3)
+    with pytest.raises(ValueError, match="multiple of the cache batch"):
+        mla_decode(q_latent, q_pe, c_kv[:1].expand(3, -1, -1)[:3], k_pe[:1].expand(3, -1, -1), lens, 0.3)
+    with pytest.raises(ValueError, match="num_splits"):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, num_splits=10_000)
+
+
+def test_split_heuristic_fills_the_gpu_and_respects_lengths():
+    cfg = DecodeConfig(ctas_per_sm=2, min_split_tokens=256)
+    # batch 1 at 128k: enough splits for 2 programs per SM on 132 SMs
+    assert choose_num_splits(1, 1, 131072, 132, cfg) == 264
+    # large batch already fills the GPU: no split pass
+    assert choose_num_splits(512, 1, 4096, 132, cfg) == 1
+    # short sequences: never below min_split_tokens per split
+    assert choose_num_splits(1, 1, 1000, 132, cfg) == 4
+    # H=128 in 8 head blocks needs fewer splits per sequence
+    assert choose_num_splits(1, 8, 131072, 132, cfg) == 33
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged64"])
+def test_bf16_real_shapes_on_gpu(heads, paged):
+    """DeepSeek-V3 widths (512 + 64), bf16, ragged lengths up to 9k, auto split count."""
+    device = torch.device("cuda")
+    lens = torch.tensor([9001, 1, 4096, 777], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(4, heads, 512, 64, 4, 9024, device, dtype=torch.bfloat16, seed=7)
+    block_table = None
+    if paged:
+        pages = torch.cat([c_kv, k_pe], dim=-1).reshape(4 * 9024 // 64, 64, 576)
+        perm = torch.randperm(pages.shape[0], device=device)
+        pages = pages[perm]  # page i of the new pool is old page perm[i]
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=device)
+        block_table = inverse.view(4, 9024 // 64).to(torch.int32)
+        c_kv, k_pe = pages[..., :512], pages[..., 512:]
+    scale = 192**-0.5
+    out, lse = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, scale, block_table=block_table)
+    ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, scale, block_table=block_table)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-3)
+    cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref_out.flatten(), dim=0)
+    assert cos > 0.99999

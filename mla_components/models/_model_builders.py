@@ -80,22 +80,72 @@ def mla_1b(**overrides: Any) -> TransformerDecoder:
     return mla(MLA_1B.replace(**overrides))
 
 
+def _llama_control(
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    like: MLAConfig,
+    max_seq_len: int,
+    norm_eps: float,
+    rope_base: int,
+    scale_factor: int,
+) -> TransformerDecoder:
+    """Torchtune's llama3_2 with ``like``'s width, depth, FFN, vocab and tying; its HF ``config.json`` (a
+    ``LlamaForCausalLM`` with llama3 RoPE scaling) is kept on the model as ``model.hf_config`` for checkpoints."""
+    model = llama3_2(
+        vocab_size=like.vocab_size,
+        num_layers=like.num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        embed_dim=like.embed_dim,
+        max_seq_len=max_seq_len,
+        intermediate_dim=like.intermediate_dim,
+        norm_eps=norm_eps,
+        rope_base=rope_base,
+        scale_factor=scale_factor,
+        tie_word_embeddings=like.tie_word_embeddings,
+    )
+    model.hf_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": like.vocab_size,
+        "hidden_size": like.embed_dim,
+        "intermediate_size": like.intermediate_dim,
+        "num_hidden_layers": like.num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": like.embed_dim // num_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_seq_len,
+        "rms_norm_eps": norm_eps,
+        "rope_theta": float(rope_base),
+        # torchtune's Llama3ScaledRoPE defaults: low 1, high 4, original context 8192
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": float(scale_factor),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": like.tie_word_embeddings,
+    }
+    return model
+
+
 def gqa_tiny(max_seq_len: int = MLA_TINY.max_seq_len) -> TransformerDecoder:
     """GQA control for ``mla_tiny`` from Torchtune's llama3_2 parts: same d, layers, FFN, vocab and output;
     4 query heads / 2 KV heads of 64 dims; 3,410,176 parameters (MLA's 512-wide latent makes mla_tiny's
     attention larger at this width)."""
-    return llama3_2(
-        vocab_size=MLA_TINY.vocab_size,
-        num_layers=MLA_TINY.num_layers,
+    return _llama_control(
         num_heads=4,
         num_kv_heads=2,
-        embed_dim=MLA_TINY.embed_dim,
+        like=MLA_TINY,
         max_seq_len=max_seq_len,
-        intermediate_dim=MLA_TINY.intermediate_dim,
         norm_eps=MLA_TINY.norm_eps,
         rope_base=10_000,
         scale_factor=4,
-        tie_word_embeddings=MLA_TINY.tie_word_embeddings,
     )
 
 
@@ -103,34 +153,26 @@ def gqa_1b(max_seq_len: int = MLA_1B.max_seq_len) -> TransformerDecoder:
     """GQA control for ``mla_1b``: the Llama-3.2-1B architecture (32 query / 8 KV heads of 64 dims) with the
     same d, layers, FFN, vocab and tied embeddings; 1,235,814,400 parameters. KV cache: 2 x 8 x 64 x 16 layers
     = 32,768 bytes per token in bf16."""
-    return llama3_2(
-        vocab_size=MLA_1B.vocab_size,
-        num_layers=MLA_1B.num_layers,
+    return _llama_control(
         num_heads=32,
         num_kv_heads=8,
-        embed_dim=MLA_1B.embed_dim,
+        like=MLA_1B,
         max_seq_len=max_seq_len,
-        intermediate_dim=MLA_1B.intermediate_dim,
         norm_eps=1e-5,
         rope_base=500_000,
         scale_factor=32,
-        tie_word_embeddings=True,
     )
 
 
 def mha_1b(max_seq_len: int = MLA_1B.max_seq_len) -> TransformerDecoder:
     """MHA-equivalent of ``mla_1b`` for cache comparisons (DeepSeek-V2's baseline): 16 heads x 128 dims with full
     K/V; 1,336,477,696 parameters; 2 x 16 x 128 x 16 layers = 131,072 bytes per token in bf16."""
-    return llama3_2(
-        vocab_size=MLA_1B.vocab_size,
-        num_layers=MLA_1B.num_layers,
+    return _llama_control(
         num_heads=16,
         num_kv_heads=16,
-        embed_dim=MLA_1B.embed_dim,
+        like=MLA_1B,
         max_seq_len=max_seq_len,
-        intermediate_dim=MLA_1B.intermediate_dim,
         norm_eps=1e-5,
         rope_base=500_000,
         scale_factor=32,
-        tie_word_embeddings=True,
     )

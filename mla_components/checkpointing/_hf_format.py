@@ -1,0 +1,185 @@
+"""HF checkpoint directories for both model families: MLA (``deepseek_v3``) and the GQA control (``llama``).
+
+One place knows how a Torchtune state dict maps onto an HF directory; training, export and evaluation all go
+through it. Every write goes to a temporary sibling directory that is renamed into place only when complete, so a
+process killed mid-save leaves the previous checkpoint untouched.
+"""
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torchtune.models import convert_weights
+
+from mla_components.models import MLAConfig, mla, mla_hf_to_tune, mla_tune_to_hf
+
+# Files copied along with the weights so every checkpoint directory is self-contained for transformers and vLLM.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "generation_config.json",
+)
+WEIGHTS_NAME = "model.safetensors"
+
+
+@contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary directory next to ``target``; on success it replaces ``target`` in one rename.
+
+    A crash inside the block leaves only a ``.<name>.tmp-*`` directory (ignored and cleaned by readers); a crash
+    between the two renames of an overwrite leaves ``.<name>.old-*`` holding the complete previous version.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_dir {directory} has no config.json (expected an HF model directory)")
+    return json.loads(path.read_text())
+
+
+def read_safetensors(directory: Path, files: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Load and merge the weight files of ``directory``; a corrupted or truncated file is refused by name."""
+    directory = Path(directory)
+    if files is None:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"checkpoint_dir {directory} has no *.safetensors weight files")
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint_files: {path} does not exist")
+        try:
+            state_dict.update(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"refusing corrupted safetensors file {path}: {e}") from e
+    return state_dict
+
+
+def _llama_shapes(config: dict[str, Any]) -> dict[str, int]:
+    heads = config["num_attention_heads"]
+    return dict(
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
+        dim=config["hidden_size"],
+        head_dim=config.get("head_dim", config["hidden_size"] // heads),
+    )
+
+
+def hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """HF keys -> Torchtune keys for a ``deepseek_v3`` (MLA) or ``llama`` (GQA control) ``config.json``."""
+    model_type = config.get("model_type")
+    if model_type == "deepseek_v3":
+        return mla_hf_to_tune(state_dict, tie_word_embeddings=config.get("tie_word_embeddings", False))
+    if model_type == "llama":
+        return convert_weights.hf_to_tune(state_dict, **_llama_shapes(config))
+    raise ValueError(f"config.json model_type {model_type!r} is not supported (deepseek_v3 or llama)")
+
+
+def tune_to_hf(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Torchtune keys -> HF keys (inverse of ``hf_to_tune``)."""
+    model_type = config.get("model_type")
+    if model_type == "deepseek_v3":
+        return mla_tune_to_hf(state_dict)
+    if model_type == "llama":
+        return convert_weights.tune_to_hf(state_dict, **_llama_shapes(config))
+    raise ValueError(f"config.json model_type {model_type!r} is not supported (deepseek_v3 or llama)")
+
+
+def check_mla_keys(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    """Refuse MLA weights whose keys or shapes don't match the model ``config.json`` describes, naming them."""
+    with torch.device("meta"):
+        expected = mla(MLAConfig.from_hf_config(config)).state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(
+        f"{k}: {tuple(state_dict[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    )
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "checkpoint weights don't match the model in config.json: "
+            f"missing keys {missing}, unexpected keys {unexpected}, wrong shapes {wrong}"
+        )
+
+
+def load_hf_checkpoint(directory: Path, files: list[str] | None = None) -> tuple[dict[str, Any], dict]:
+    """Read an HF directory into ``(config.json dict, Torchtune state dict)``, validating MLA keys."""
+    config = read_config(directory)
+    hf_state = read_safetensors(directory, files)
+    try:
+        tune_state = hf_to_tune(hf_state, config)
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from e
+    if config.get("model_type") == "deepseek_v3":
+        check_mla_keys(tune_state, config)
+    return config, tune_state
+
+
+def write_hf_checkpoint(
+    target: Path,
+    tune_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    *,
+    side_files_from: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically write ``target/`` = config.json + model.safetensors (+ tokenizer/generation files copied from
+    ``side_files_from``, + ``extra`` objects saved with ``torch.save`` as ``<name>.pt``)."""
+    hf_state = {k: v.detach().to("cpu").contiguous() for k, v in tune_to_hf(tune_state, config).items()}
+    dtypes = {v.dtype for v in hf_state.values()}
+    with atomic_directory(Path(target)) as tmp:
+        save_file(hf_state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        config = dict(config)
+        if len(dtypes) == 1:
+            config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if side_files_from is not None:
+            for name in SIDE_FILES:
+                src = Path(side_files_from) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / f"{name}.pt")
+    return Path(target)

@@ -1,0 +1,35 @@
+"""Tokenizer and synthetic long-context (needle-in-a-haystack) datasets for the MLA models.
+
+- :func:`byte_tokenizer`: byte-level Torchtune ``ModelTokenizer`` with a Llama-3-like chat format, savable as HF files.
+- :func:`make_needle_sample` / :func:`needle_prompt_tokens`: one haystack sample sized in tokens (evaluation).
+- :func:`needle_sft_dataset` / :func:`needle_dpo_dataset`: Torchtune dataset components for the SFT and DPO recipes.
+"""
+
+from mla_components.data._dpo import REJECTION_KINDS, NeedleDPODataset, hallucinated_answer, needle_dpo_dataset
+from mla_components.data._haystack import (
+    NEEDLE_KINDS,
+    SPLITS,
+    NeedleSample,
+    make_needle_sample,
+    needle_messages,
+    needle_prompt_tokens,
+)
+from mla_components.data._sft import NeedleSFTDataset, needle_sft_dataset
+from mla_components.data._tokenizer import ByteTokenizer, byte_tokenizer
+
+__all__ = [
+    "NEEDLE_KINDS",
+    "REJECTION_KINDS",
+    "SPLITS",
+    "ByteTokenizer",
+    "NeedleDPODataset",
+    "NeedleSFTDataset",
+    "NeedleSample",
+    "byte_tokenizer",
+    "hallucinated_answer",
+    "make_needle_sample",
+    "needle_dpo_dataset",
+    "needle_messages",
+    "needle_prompt_tokens",
+    "needle_sft_dataset",
+]

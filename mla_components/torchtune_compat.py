@@ -1,0 +1,68 @@
+"""Let Torchtune 0.6.1's distributed recipes run unmodified on a CPU-only machine (gloo), for tests and demos.
+
+The recipes assume CUDA in three places, all outside the training math:
+
+- ``full_dpo_distributed`` calls ``init_process_group("cuda:nccl,cpu:gloo")``, which fails on a build without NCCL;
+  here a backend string naming NCCL falls back to its gloo part when NCCL is unavailable.
+- rank 0 calls ``training.get_memory_stats(device)`` unconditionally, which raises for CPU devices; here it reports
+  the process's peak resident memory instead.
+- ``training.cleanup_before_training()`` calls ``torch.cpu.empty_cache()`` and ``reset_peak_memory_stats()``,
+  which torch does not have; here they are no-ops.
+
+Nothing changes where CUDA is available. ``apply()`` runs in every process of a ``tune run`` launched by
+``mla-tune run`` (which puts ``_cpu_site/`` with a ``sitecustomize.py`` on ``PYTHONPATH``; so do the tests and the
+SLURM launcher's CPU mode): torchrun's workers are fresh interpreters, and the DPO recipe binds
+``init_process_group`` at import, so the patch must be in place before the recipe module loads.
+"""
+
+import os
+import resource
+from pathlib import Path
+
+SITE_DIR = Path(__file__).with_name("_cpu_site")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is in KiB on Linux
+
+
+def apply() -> bool:
+    """Install the CPU fallbacks; returns False (and changes nothing) when CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    import torch.distributed as dist
+    from torchtune import training
+    from torchtune.training import memory
+
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        if not hasattr(torch.cpu, name):
+            setattr(torch.cpu, name, lambda *args, **kwargs: None)
+
+    get_memory_stats = memory.get_memory_stats
+
+    def cpu_aware_memory_stats(device: torch.device, reset_stats: bool = True) -> dict:
+        if torch.device(device).type != "cpu":
+            return get_memory_stats(device, reset_stats)
+        peak = _peak_rss_gib()
+        return {"peak_memory_active": peak, "peak_memory_alloc": peak, "peak_memory_reserved": peak}
+
+    training.get_memory_stats = memory.get_memory_stats = cpu_aware_memory_stats
+
+    init_process_group = dist.init_process_group
+
+    def init_without_nccl(backend=None, *args, **kwargs):
+        if isinstance(backend, str) and "nccl" in backend and not dist.is_nccl_available():
+            backend = "gloo"
+        return init_process_group(backend, *args, **kwargs)
+
+    dist.init_process_group = init_without_nccl
+    return True
+
+
+def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: ``os.environ``) with ``_cpu_site/`` prepended to ``PYTHONPATH``."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), env.get("PYTHONPATH", "")) if p)
+    return env

@@ -1,0 +1,160 @@
+"""HF-directory checkpoints: transformers loads what we write, bad files are refused by name, writes are atomic."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from mla_components.checkpointing import (
+    AtomicHFCheckpointer,
+    epoch_dirs,
+    latest_resumable_epoch,
+    load_hf_checkpoint,
+    write_hf_checkpoint,
+)
+from mla_components.models import gqa_tiny, mla, mla_tiny
+from tests.model.conftest import randomize_, small_config
+
+
+def _hf_config(model):
+    return model.mla_config.to_hf_config() if hasattr(model, "mla_config") else dict(model.hf_config)
+
+
+@pytest.mark.parametrize("builder", [lambda: mla(small_config()), lambda: gqa_tiny()], ids=["mla", "gqa"])
+def test_transformers_loads_what_we_write_with_equal_logits(tmp_path, builder):
+    model = randomize_(builder()).eval()
+    write_hf_checkpoint(tmp_path / "ckpt", model.state_dict(), _hf_config(model))
+
+    hf_model, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "ckpt", output_loading_info=True, dtype=torch.float32, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    tokens = torch.randint(0, model.tok_embeddings.num_embeddings, (2, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf_model.eval()(tokens).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_round_trip_is_exact_and_keeps_config(tmp_path):
+    model = randomize_(mla_tiny())
+    config = model.mla_config.to_hf_config()
+    write_hf_checkpoint(tmp_path / "a", model.state_dict(), config)
+    loaded_config, state = load_hf_checkpoint(tmp_path / "a")
+    assert {k: loaded_config[k] for k in config} == config
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+def test_corrupted_weights_are_refused_by_file_name(tmp_path):
+    model = mla(small_config())
+    write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config())
+    weights = tmp_path / "c" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match="corrupted safetensors file .*model.safetensors"):
+        load_hf_checkpoint(tmp_path / "c")
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
+    model = mla(small_config())
+    write_hf_checkpoint(tmp_path / "k", model.state_dict(), model.mla_config.to_hf_config())
+    weights = tmp_path / "k" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.1.self_attn.kv_b_proj.weight"]
+    state["model.layers.0.self_attn.q_a_proj.weight"] = torch.zeros(3, 3)
+    save_file(state, weights)
+    with pytest.raises(ValueError) as err:
+        load_hf_checkpoint(tmp_path / "k")
+    message = str(err.value)
+    assert "layers.1.attn.kv_b_proj.weight" in message  # missing (Torchtune name)
+    assert "layers.0.attn.q_a_proj.weight: (3, 3)" in message  # wrong shape
+
+
+_KILLED_MID_SAVE = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from mla_components.checkpointing import write_hf_checkpoint
+    from mla_components.models import mla
+    from tests.model.conftest import small_config
+
+    class Stall:  # pickled by torch.save inside the atomic write: announce, then hang until killed
+        def __reduce__(self):
+            Path(sys.argv[2]).write_text("saving")
+            time.sleep(600)
+
+    model = mla(small_config())
+    write_hf_checkpoint(Path(sys.argv[1]), model.state_dict(), model.mla_config.to_hf_config(),
+                        extra={"recipe_state": Stall()})
+    """
+)
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_usable(tmp_path):
+    out = tmp_path / "out"
+    model = randomize_(mla(small_config()), seed=3)
+    write_hf_checkpoint(
+        out / "epoch_0", model.state_dict(), model.mla_config.to_hf_config(), extra={"recipe_state": {}}
+    )
+    before = {p.name: p.read_bytes() for p in (out / "epoch_0").iterdir()}
+
+    marker = tmp_path / "saving"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_MID_SAVE, str(out / "epoch_0"), str(marker)], cwd=os.getcwd()
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None, "the writer exited before reaching the save"
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    assert {p.name: p.read_bytes() for p in (out / "epoch_0").iterdir()} == before  # untouched
+    assert list(out.glob(".epoch_0.tmp-*")), "the killed write should have left only its temporary directory"
+    assert latest_resumable_epoch(out) == out / "epoch_0"
+    _, state = load_hf_checkpoint(out / "epoch_0")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+    # a checkpointer writing into `out` sweeps the stale temporary directory
+    base = tmp_path / "base"
+    write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
+    AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(out))
+    assert not list(out.glob(".epoch_0.tmp-*"))
+
+
+def test_checkpointer_saves_epochs_resumes_newest_and_prunes(tmp_path):
+    model = mla(small_config())
+    base = tmp_path / "base"
+    write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
+    ckpt = AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(tmp_path / "run"), keep_last_n_intermediate=2)
+    state = ckpt.load_checkpoint()
+    for epoch in range(3):
+        ckpt.save_checkpoint({**state, "epochs_run": epoch + 1, "seed": 7}, epoch=epoch, intermediate_checkpoint=True)
+    ckpt.save_checkpoint(state, epoch=3, intermediate_checkpoint=False)
+    assert [n for n, _ in epoch_dirs(tmp_path / "run", resumable=True)] == [1, 2]  # epoch_0 pruned
+    assert [n for n, _ in epoch_dirs(tmp_path / "run", resumable=False)] == [1, 2, 3]
+
+    resumed = AtomicHFCheckpointer(
+        checkpoint_dir=str(base), output_dir=str(tmp_path / "run"), should_load_recipe_state=True
+    ).load_checkpoint()
+    assert resumed["epochs_run"] == 3 and resumed["seed"] == 7
+
+
+def test_bad_checkpointer_arguments_fail_fast_with_the_field(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        AtomicHFCheckpointer(checkpoint_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path / "o"))
+    model = mla(small_config())
+    write_hf_checkpoint(tmp_path / "b", model.state_dict(), model.mla_config.to_hf_config())
+    with pytest.raises(ValueError, match="output_dir .* must not be inside"):
+        AtomicHFCheckpointer(checkpoint_dir=str(tmp_path / "b"), output_dir=str(tmp_path / "b" / "out"))
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint=True but"):
+        AtomicHFCheckpointer(
+            checkpoint_dir=str(tmp_path / "b"), output_dir=str(tmp_path / "o"), should_load_recipe_state=True
+        )

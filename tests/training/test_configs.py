@@ -1,0 +1,107 @@
+"""Every shipped config names a recipe that exists and binds to the signatures of the components it names;
+``mla-tune ls/cp/run`` find them; bad values are refused before any training starts."""
+
+import inspect
+import subprocess
+
+import pytest
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune._recipe_registry import get_all_recipes
+from torchtune.config import validate
+from torchtune.config._utils import _get_component_from_path
+
+from mla_components.cli import main as mla_tune
+from mla_components.cli import project_configs, resolve_recipe, tune_run_argv
+from tests.training._tune import ENV, REPO, TUNE
+
+CONFIGS = project_configs()
+BUILTIN_RECIPES = {r.name for r in get_all_recipes()}
+
+
+def _nested_components(node, path=""):
+    """Components inside lists/dicts (e.g. MultiLogger's loggers), which Torchtune's validate does not visit."""
+    if isinstance(node, DictConfig):
+        if "_component_" in node and path.count(".") > 0:
+            yield path, node
+        for key, value in node.items():
+            yield from _nested_components(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, value in enumerate(node):
+            yield from _nested_components(value, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_config_names_an_existing_recipe_and_binds_to_its_components(name):
+    recipe, path = CONFIGS[name]
+    custom = recipe.startswith("mla_recipes/") and resolve_recipe(recipe) == recipe  # the file exists
+    assert recipe in BUILTIN_RECIPES or custom, f"{name}: unknown recipe {recipe}"
+    cfg = OmegaConf.load(path)
+    validate(cfg)
+    for where, node in _nested_components(cfg):
+        component = _get_component_from_path(node["_component_"])
+        kwargs = {k: v for k, v in node.items() if k != "_component_"}
+        try:
+            inspect.signature(component).bind_partial(**kwargs)
+        except TypeError as e:
+            raise AssertionError(f"{name}: {where}: {e}") from e
+
+
+def test_mla_tune_ls_and_cp(tmp_path, capsys):
+    mla_tune(["ls"])
+    listing = capsys.readouterr().out
+    for name, (recipe, _) in CONFIGS.items():
+        assert name in listing and recipe in listing
+    mla_tune(["cp", "mla_tiny/sft_distributed", str(tmp_path)])
+    assert (tmp_path / "sft_distributed.yaml").read_text() == CONFIGS["mla_tiny/sft_distributed"][1].read_text()
+    with pytest.raises(SystemExit, match="exists"):
+        mla_tune(["cp", "mla_tiny/sft_distributed", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no such file or project config"):
+        mla_tune(["cp", "mla_tiny/nope", str(tmp_path)])
+
+
+def _run_bad(*overrides: str) -> str:
+    """A single-device SFT with one bad value; returns its output. It must fail within the set-up (well before
+    a training step, which would log ``loss``)."""
+    command = [
+        TUNE,
+        "run",
+        "full_finetune_single_device",
+        "--config",
+        "configs/mla_tiny/sft_single_device.yaml",
+        "metric_logger._component_=torchtune.training.metric_logging.StdoutLogger",
+        *overrides,
+    ]
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "loss:" not in proc.stdout
+    return proc.stdout + proc.stderr
+
+
+def test_bad_values_fail_before_training_naming_the_field(tmp_path):
+    out = _run_bad(
+        f"output_dir={tmp_path / 'a'}",
+        f"checkpointer.checkpoint_dir={tmp_path / 'missing'}",
+        "~checkpointer.init_model",
+    )
+    assert f"checkpoint_dir {tmp_path / 'missing'} has no config.json" in out
+    out = _run_bad(
+        f"output_dir={tmp_path / 'b'}", f"checkpointer.checkpoint_dir={tmp_path / 'init'}", "model.kernel_backend=fast"
+    )
+    assert "kernel_backend must be one of" in out
+
+
+def test_mla_tune_run_resolves_project_config_names():
+    argv = tune_run_argv(
+        ["--nproc_per_node", "2", "full_finetune_distributed", "--config", "mla_tiny/sft_distributed", "epochs=1"]
+    )
+    assert argv == [
+        "run",
+        "--nproc_per_node",
+        "2",
+        "full_finetune_distributed",
+        "--config",
+        str(CONFIGS["mla_tiny/sft_distributed"][1]),
+        "epochs=1",
+    ]
+    with pytest.raises(SystemExit, match="--config"):
+        tune_run_argv(["full_finetune_distributed", "--config", "nope/nope"])

@@ -44,7 +44,8 @@ def test_token_by_token_cached_logits_equal_one_uncached_forward(q_lora_rank, ro
 
 
 def test_cached_decode_never_expands_per_head_kv(monkeypatch):
-    """The cached path must not call kv_b_proj (the K/V decompression), only read its weight."""
+    """Decode steps must not call kv_b_proj (the K/V decompression), only read its weight; the prefill of the
+    8-token prompt expands once per layer."""
     model = randomize_(mla(small_config())).eval()
     calls = []
     for layer in model.layers:
@@ -54,7 +55,7 @@ def test_cached_decode_never_expands_per_head_kv(monkeypatch):
         assert calls, "the uncached (training) path expands through kv_b_proj"
         calls.clear()
         greedy_generate(model, torch.randint(1, 97, (8,)), max_new_tokens=4)
-    assert calls == []
+    assert len(calls) == len(model.layers)  # the prefill only; none in the 3 decode steps
 
 
 def test_torchtune_generate_greedy_matches_uncached_argmax():

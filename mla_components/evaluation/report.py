@@ -1,0 +1,224 @@
+"""Passkey/needle report: results JSON, per-trial and per-cell CSV, heatmap PNG (one panel per model), summaries.
+
+The report is built from per-model result dicts (``ModelResult.to_dict()``), so a compare run (several checkpoints)
+and a single run share one format. Files written into ``output_dir``:
+
+- ``results.json``: the config, and per model the cells, per-length summaries, memory figures and every trial;
+- ``trials.csv``: one row per trial (model, length, depth, trial, seed, prompt tokens, answer, extracted value,
+  correct, generated text);
+- ``cells.csv``: one row per (model, length, depth) with trials, correct, accuracy;
+- ``heatmap.png``: accuracy over depth (rows) x context length (columns), one panel per model, shared 0-1 scale;
+- ``summary.txt``: one line per (model, length) and, in compare mode, a table of accuracy per length and model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mla_components.evaluation.scoring import CellScore, aggregate_cells
+
+RESULTS_FORMAT = "infinitecontext.passkey_eval/v1"
+TRIAL_FIELDS = (
+    "model",
+    "context_tokens",
+    "depth",
+    "trial",
+    "seed",
+    "kind",
+    "prompt_tokens",
+    "answer",
+    "extracted",
+    "correct",
+    "generated",
+)
+CELL_FIELDS = ("model", "context_tokens", "depth", "trials", "correct", "accuracy")
+
+
+@dataclass
+class ModelResult:
+    """Everything measured for one model/checkpoint.
+
+    Attributes:
+        name: label in tables and heatmap titles.
+        checkpoint: the checkpoint directory evaluated.
+        trials: per-trial records (keys of ``TRIAL_FIELDS`` except ``model``).
+        kv_cache_bytes: KV-cache bytes allocated per context length (cache sized for prompt + new tokens).
+        seconds: wall time per context length.
+        peak_memory_bytes: peak CUDA allocation, or the process's peak RSS on CPU.
+        peak_memory_kind: ``"cuda_max_allocated"`` or ``"cpu_max_rss"``.
+    """
+
+    name: str
+    checkpoint: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    kv_cache_bytes: dict[int, int] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = "cpu_max_rss"
+
+    def cells(self) -> list[CellScore]:
+        return aggregate_cells(self.trials)
+
+    def length_summaries(self) -> list[dict[str, Any]]:
+        """Accuracy, mean prompt length, cache bytes and time per context length."""
+        rows = []
+        for length in sorted({int(t["context_tokens"]) for t in self.trials}):
+            trials = [t for t in self.trials if int(t["context_tokens"]) == length]
+            rows.append(
+                {
+                    "context_tokens": length,
+                    "trials": len(trials),
+                    "correct": sum(bool(t["correct"]) for t in trials),
+                    "accuracy": sum(bool(t["correct"]) for t in trials) / len(trials),
+                    "mean_prompt_tokens": sum(t["prompt_tokens"] for t in trials) / len(trials),
+                    "kv_cache_bytes": self.kv_cache_bytes.get(length),
+                    "seconds": self.seconds.get(length),
+                }
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        cells = self.cells()
+        correct = sum(c.correct for c in cells)
+        total = sum(c.trials for c in cells)
+        return {
+            "name": self.name,
+            "checkpoint": self.checkpoint,
+            "overall_accuracy": correct / total if total else 0.0,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_kind": self.peak_memory_kind,
+            "lengths": self.length_summaries(),
+            "cells": [{**vars(c), "accuracy": c.accuracy} for c in cells],
+            "trials": self.trials,
+        }
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.1f} MiB"
+
+
+def summary_lines(models: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per (model, context length): accuracy, correct/trials, per-depth accuracies, cache, time."""
+    lines = []
+    for model in models:
+        by_length: dict[int, list[dict]] = {}
+        for cell in model["cells"]:
+            by_length.setdefault(cell["context_tokens"], []).append(cell)
+        for row in model["lengths"]:
+            depths = " ".join(f"{c['depth']:.0%}:{c['accuracy']:.2f}" for c in by_length[row["context_tokens"]])
+            seconds = "" if row["seconds"] is None else f" {row['seconds']:.1f}s"
+            lines.append(
+                f"{model['name']} @ {row['context_tokens']:>7,} tokens: accuracy {row['accuracy']:.3f} "
+                f"({row['correct']}/{row['trials']}) | depth {depths} | KV cache {_mib(row['kv_cache_bytes'])}"
+                f"{seconds}"
+            )
+    return lines
+
+
+def compare_table(models: Sequence[dict[str, Any]]) -> str:
+    """Accuracy per context length (rows) and model (columns), plus the overall accuracy and peak memory."""
+    names = [m["name"] for m in models]
+    width = max(12, *(len(n) for n in names))
+    lengths = sorted({row["context_tokens"] for m in models for row in m["lengths"]})
+    header = f"{'context':>9} " + " ".join(f"{n:>{width}}" for n in names)
+    lines = [header, "-" * len(header)]
+    for length in lengths:
+        accs = []
+        for m in models:
+            row = next((r for r in m["lengths"] if r["context_tokens"] == length), None)
+            accs.append("-" if row is None else f"{row['accuracy']:.3f}")
+        lines.append(f"{length:>9,} " + " ".join(f"{a:>{width}}" for a in accs))
+    lines.append(f"{'overall':>9} " + " ".join(f"{m['overall_accuracy']:>{width}.3f}" for m in models))
+    lines.append(f"{'peak mem':>9} " + " ".join(f"{_mib(m['peak_memory_bytes']):>{width}}" for m in models))
+    return "\n".join(lines)
+
+
+def plot_heatmaps(models: Sequence[dict[str, Any]], path: Path, title: str = "Needle retrieval accuracy") -> Path:
+    """Accuracy heatmaps, depth (rows, 0% at the top) x context length (columns), side by side, one per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers and CI
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(
+        1, len(models), figsize=(1.2 + 3.2 * len(models), 3.6), squeeze=False, constrained_layout=True
+    )
+    image = None
+    for ax, model in zip(axes[0], models, strict=True):
+        lengths = sorted({c["context_tokens"] for c in model["cells"]})
+        depths = sorted({c["depth"] for c in model["cells"]})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for c in model["cells"]:
+            grid[depths.index(c["depth"]), lengths.index(c["context_tokens"])] = c["accuracy"]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth")
+        ax.set_title(f"{model['name']} (overall {model['overall_accuracy']:.2f})", fontsize=9)
+        for (row, col), value in np.ndenumerate(grid):
+            if not np.isnan(value):
+                ax.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(image, ax=axes[0].tolist(), label="accuracy", shrink=0.9)
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _short(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens >= 1024 and tokens % 1024 == 0 else f"{tokens:,}"
+
+
+def write_report(output_dir: Path, config: dict[str, Any], models: Sequence[dict[str, Any]]) -> dict[str, Path]:
+    """Write ``results.json``, ``trials.csv``, ``cells.csv``, ``heatmap.png`` and ``summary.txt``.
+
+    Returns:
+        The paths written, by name.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": output_dir / "results.json",
+        "trials_csv": output_dir / "trials.csv",
+        "cells_csv": output_dir / "cells.csv",
+        "heatmap": output_dir / "heatmap.png",
+        "summary": output_dir / "summary.txt",
+    }
+    paths["json"].write_text(json.dumps({"format": RESULTS_FORMAT, "config": config, "models": list(models)}, indent=1))
+    with paths["trials_csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TRIAL_FIELDS)
+        writer.writeheader()
+        for model in models:
+            for trial in model["trials"]:
+                writer.writerow({"model": model["name"], **{k: trial.get(k) for k in TRIAL_FIELDS if k != "model"}})
+    with paths["cells_csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CELL_FIELDS)
+        writer.writeheader()
+        for model in models:
+            for cell in model["cells"]:
+                writer.writerow({"model": model["name"], **{k: cell[k] for k in CELL_FIELDS if k != "model"}})
+    plot_heatmaps(models, paths["heatmap"])
+    text = summary_lines(models)
+    if len(models) > 1:
+        text += ["", compare_table(models)]
+    paths["summary"].write_text("\n".join(text) + "\n")
+    return paths
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """Read a ``results.json`` (or the directory holding one) written by :func:`write_report`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    data = json.loads(path.read_text())
+    if data.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{path} is not a passkey_eval results file (format {data.get('format')!r})")
+    return data

@@ -1,0 +1,134 @@
+"""Training checkpoint -> servable HF DeepseekV3 directory (validated, cast, optionally torchao-quantised)."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+
+from mla_components.checkpointing import atomic_directory, epoch_dirs, load_hf_checkpoint, read_config
+from mla_components.checkpointing._hf_format import SIDE_FILES, WEIGHTS_NAME, tune_to_hf, write_hf_checkpoint
+from mla_components.export._quantize import (
+    QUANTIZATIONS,
+    quantization_config,
+    quantize_weights,
+    save_quantized_safetensors,
+    unflatten_quantized,
+)
+from mla_components.export._validate import TOKENIZER_FILES, ExportError, validate_serving_config
+from mla_components.models import mla_hf_to_tune
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_source(src: Path) -> dict[str, Any]:
+    if not src.is_dir():
+        raise ExportError(f"--checkpoint {src} is not a directory")
+    if not (src / "config.json").is_file():
+        epochs = epoch_dirs(src, resumable=False)
+        hint = f"; it holds training epochs, e.g. --checkpoint {epochs[-1][1]}" if epochs else ""
+        raise ExportError(f"--checkpoint {src} has no config.json: point it at one HF checkpoint directory{hint}")
+    config = read_config(src)
+    validate_serving_config(config)
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise ExportError(
+            f"--checkpoint {src} has none of the tokenizer files {list(TOKENIZER_FILES)}: vLLM and transformers "
+            "need them next to the weights (checkpoints written by mla_components.checkpointing carry them)"
+        )
+    return config
+
+
+def _generation_config(src: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The source's ``generation_config.json``, or greedy defaults from the token ids in ``config.json``."""
+    path = src / "generation_config.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return {**ids, "do_sample": False}
+
+
+def _copy_side_files(src: Path, dst: Path, generation: dict[str, Any]) -> None:
+    for name in SIDE_FILES:
+        if name != "generation_config.json" and (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+
+
+def export_checkpoint(
+    src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", quantize: str | None = None
+) -> Path:
+    """Write ``dst/``: a servable HF DeepseekV3 directory made from the checkpoint directory ``src``.
+
+    ``src`` is any directory written by ``mla_components.checkpointing`` (an ``epoch_N`` of training, or an
+    initial checkpoint). The export validates ``config.json`` for serving, refuses weights whose keys or shapes
+    don't match it (and corrupted safetensors), drops ``recipe_state.pt``, writes ``lm_head.weight`` explicitly
+    for tied embeddings (vLLM does not tie DeepseekV3's), casts to ``dtype``, optionally
+    quantises the projection weights with torchao, and writes config, weights, tokenizer and generation config
+    atomically (a failed export leaves no ``dst``).
+
+    Args:
+        src: source checkpoint directory.
+        dst: output directory (replaced if it exists).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for every weight (quantised ones keep their scales in it).
+        quantize: None, ``int8_weight_only`` or ``float8_weight_only``.
+
+    Returns:
+        ``dst`` as a ``Path``.
+    """
+    src, dst = Path(src), Path(dst)
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {list(QUANTIZATIONS)} or None, got {quantize!r}")
+    if dst.resolve() == src.resolve():
+        raise ExportError(f"--output {dst} must differ from --checkpoint (the export never overwrites its source)")
+    config = _check_source(src)  # before reading any weights
+    config, tune_state = load_hf_checkpoint(src)  # names missing/unexpected keys; refuses corrupted files
+    if config.get("tie_word_embeddings") and "output.weight" not in tune_state:
+        # vLLM's DeepseekV3 never ties lm_head to the embedding: without lm_head.weight in the file it serves an
+        # uninitialised output layer, silently. transformers ties it anyway (same values either way).
+        tune_state["output.weight"] = tune_state["tok_embeddings.weight"].clone()
+    config = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype", "quantization_config")}
+    generation = _generation_config(src, config)
+    if quantize is None:
+        tune_state = {k: v.to(DTYPES[dtype]) for k, v in tune_state.items()}
+        with tempfile.TemporaryDirectory() as side:
+            _copy_side_files(src, Path(side), generation)
+            return write_hf_checkpoint(dst, tune_state, config, side_files_from=Path(side))
+    hf_state = quantize_weights(tune_to_hf(tune_state, config), quantize, DTYPES[dtype])
+    with atomic_directory(dst) as tmp:
+        save_quantized_safetensors(hf_state, tmp / WEIGHTS_NAME)
+        config = {**config, "torch_dtype": dtype, "quantization_config": quantization_config(quantize)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _copy_side_files(src, tmp, generation)
+    return dst
+
+
+def load_exported_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read an export back as ``(config.json dict, Torchtune state dict)`` for our own model.
+
+    Quantised weights are dequantised to the export dtype, which is exactly the function a weight-only
+    quantised matmul computes; so evaluating our model on this state dict measures the quantisation's quality
+    cost (e.g. on the passkey eval) without transformers or vLLM.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    if "quantization_config" not in config:
+        return load_hf_checkpoint(directory)
+    path = directory / WEIGHTS_NAME
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+        flat = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"refusing corrupted safetensors file {path}: {e}") from e
+    dtype = DTYPES[config.get("torch_dtype", "bfloat16")]
+    hf_state = {
+        k: (v.dequantize() if type(v) is not torch.Tensor else v).to(dtype)
+        for k, v in unflatten_quantized(flat, metadata).items()
+    }
+    return config, mla_hf_to_tune(hf_state, tie_word_embeddings=config.get("tie_word_embeddings", False))

@@ -13,11 +13,10 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
-from mla_components.data._haystack import NeedleSample, build_needle_sample, needle_messages, sample_rng
-from mla_components.data._sft import validate_dataset_args
+from mla_components.data._haystack import NeedleSample, needle_messages, sample_rng
+from mla_components.data._sft import NeedleSamples
 
 REJECTION_KINDS = ("wrong_digits", "distractor", "haystack_value")
 
@@ -46,13 +45,15 @@ def hallucinated_answer(rng: random.Random, sample: NeedleSample, rejection: str
             return wrong
 
 
-class NeedleDPODataset(Dataset):
+class NeedleDPODataset(NeedleSamples):
     """Map-style preference dataset; item ``i`` is a pure function of (split, seed, i).
 
     Items are ``{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}`` (lists of ints;
     labels are ``CROSS_ENTROPY_IGNORE_IDX`` on the prompt), what ``full_dpo_distributed`` and
     ``padded_collate_dpo`` consume. Arguments are those of :func:`needle_dpo_dataset`.
     """
+
+    stream = "dpo"
 
     def __init__(
         self,
@@ -66,12 +67,13 @@ class NeedleDPODataset(Dataset):
         seed: int = 0,
         split: str = "train",
     ) -> None:
-        self._kinds = validate_dataset_args(
+        super().__init__(
             tokenizer,
             num_samples=num_samples,
             context_tokens=context_tokens,
             depth=depth,
             needle_kinds=needle_kinds,
+            seed=seed,
             split=split,
         )
         rejections = (rejection_kinds,) if isinstance(rejection_kinds, str) else tuple(rejection_kinds)
@@ -84,33 +86,12 @@ class NeedleDPODataset(Dataset):
             if not any(_applies(rejection, kind) for rejection in rejections):
                 raise ValueError(f"needle kind {kind!r} has no applicable rejection in rejection_kinds={rejections}")
         self._rejections = rejections
-        self._tokenizer = tokenizer
-        self._num_samples = num_samples
-        self._context_tokens = context_tokens
-        self._depth = depth
-        self._seed = seed
-        self._split = split
-
-    def __len__(self) -> int:
-        return self._num_samples
 
     def preference(self, index: int) -> tuple[NeedleSample, str, str]:
         """``(sample, rejected answer, rejection kind)`` behind item ``index``."""
-        if not 0 <= index < self._num_samples:
-            raise IndexError(f"index {index} out of range for {self._num_samples} samples")
-        kind = self._kinds[index % len(self._kinds)]
-        rng = sample_rng(self._split, self._seed, "dpo", index)
-        sample = build_needle_sample(
-            self._tokenizer,
-            rng,
-            target_tokens=self._context_tokens,
-            depth=self._depth,
-            kind=kind,
-            split=self._split,
-            answer_in_length=True,
-        )
+        sample = self.needle_sample(index)
         rejection_rng = sample_rng(self._split, self._seed, "dpo-rejection", index)
-        rejection = rejection_rng.choice([r for r in self._rejections if _applies(r, kind)])
+        rejection = rejection_rng.choice([r for r in self._rejections if _applies(r, sample.kind)])
         return sample, hallucinated_answer(rejection_rng, sample, rejection), rejection
 
     def _tokenize(self, sample: NeedleSample, answer: str) -> tuple[list[int], list[int]]:

@@ -10,6 +10,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 
 from mla_components.data._haystack import (
+    NeedleSample,
     build_needle_sample,
     minimum_context_tokens,
     needle_messages,
@@ -47,14 +48,11 @@ def validate_dataset_args(
     return kinds
 
 
-class NeedleSFTDataset(Dataset):
-    """Map-style dataset of needle-in-a-haystack chats; sample ``i`` is a pure function of (split, seed, i).
+class NeedleSamples(Dataset):
+    """What the SFT and DPO needle datasets share: validated arguments, the length, and the needle sample behind an
+    index, a pure function of (split, seed, ``stream``, index). Kinds cycle with the index."""
 
-    Each sample is ``{"tokens": list[int], "labels": list[int]}`` of equal length <= ``context_tokens``, like
-    Torchtune's ``SFTDataset``: labels are ``CROSS_ENTROPY_IGNORE_IDX`` where the tokenizer's mask is True (the
-    prompt unless ``train_on_input``, and bos/eos), the token id elsewhere. Kinds cycle with ``i``.
-    Arguments are those of :func:`needle_sft_dataset`.
-    """
+    stream = ""  # names the dataset's own random stream, so SFT and DPO samples are independent
 
     def __init__(
         self,
@@ -62,11 +60,10 @@ class NeedleSFTDataset(Dataset):
         *,
         num_samples: int,
         context_tokens: int,
-        depth: float | None = None,
-        needle_kinds: Sequence[str] = ("passkey",),
-        seed: int = 0,
-        split: str = "train",
-        train_on_input: bool = False,
+        depth: float | None,
+        needle_kinds: Sequence[str],
+        seed: int,
+        split: str,
     ) -> None:
         self._kinds = validate_dataset_args(
             tokenizer,
@@ -82,24 +79,58 @@ class NeedleSFTDataset(Dataset):
         self._depth = depth
         self._seed = seed
         self._split = split
-        self._train_on_input = train_on_input
 
     def __len__(self) -> int:
         return self._num_samples
 
-    def needle_sample(self, index: int):
+    def needle_sample(self, index: int) -> NeedleSample:
         """The :class:`NeedleSample` behind item ``index``."""
         if not 0 <= index < self._num_samples:
             raise IndexError(f"index {index} out of range for {self._num_samples} samples")
         return build_needle_sample(
             self._tokenizer,
-            sample_rng(self._split, self._seed, "sft", index),
+            sample_rng(self._split, self._seed, self.stream, index),
             target_tokens=self._context_tokens,
             depth=self._depth,
             kind=self._kinds[index % len(self._kinds)],
             split=self._split,
             answer_in_length=True,
         )
+
+
+class NeedleSFTDataset(NeedleSamples):
+    """Map-style dataset of needle-in-a-haystack chats; sample ``i`` is a pure function of (split, seed, i).
+
+    Each sample is ``{"tokens": list[int], "labels": list[int]}`` of equal length <= ``context_tokens``, like
+    Torchtune's ``SFTDataset``: labels are ``CROSS_ENTROPY_IGNORE_IDX`` where the tokenizer's mask is True (the
+    prompt unless ``train_on_input``, and bos/eos), the token id elsewhere. Kinds cycle with ``i``.
+    Arguments are those of :func:`needle_sft_dataset`.
+    """
+
+    stream = "sft"
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        num_samples: int,
+        context_tokens: int,
+        depth: float | None = None,
+        needle_kinds: Sequence[str] = ("passkey",),
+        seed: int = 0,
+        split: str = "train",
+        train_on_input: bool = False,
+    ) -> None:
+        super().__init__(
+            tokenizer,
+            num_samples=num_samples,
+            context_tokens=context_tokens,
+            depth=depth,
+            needle_kinds=needle_kinds,
+            seed=seed,
+            split=split,
+        )
+        self._train_on_input = train_on_input
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         sample = self.needle_sample(index)

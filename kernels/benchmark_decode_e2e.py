@@ -19,6 +19,7 @@ import statistics
 import sys
 
 import torch
+from mla_kernels.benchmark_mla import Timer
 
 from mla_components.models import gqa_1b, mla_1b
 from mla_components.modules import MLAKVCache
@@ -63,29 +64,7 @@ def time_decode(model, context: int, steps: int, graph: bool) -> list[float]:
         return model(token, input_pos=input_pos, mask=mask)
 
     with torch.no_grad():
-        for _ in range(3):
-            step()
-        run = step
-        if graph:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                step()
-            torch.cuda.current_stream().wait_stream(stream)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                step()
-            run = cuda_graph.replay
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(steps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return times
+        return Timer(steps, flush_l2=False)(step, graph=graph)
 
 
 def main(argv: list[str] | None = None) -> int:

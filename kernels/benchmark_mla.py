@@ -66,11 +66,13 @@ EXTENDED_CONFIGS = [
 
 
 class Timer:
-    """Median device time of a zero-argument op, L2 flushed before every call."""
+    """Device times (ms) of a zero-argument op, eager or replayed from a CUDA graph; with ``flush_l2`` the L2 is
+    flushed before every call (a kernel benchmark), without it caches stay warm as in a serving loop."""
 
-    def __init__(self, repeats: int, warmup: int = 3) -> None:
+    def __init__(self, repeats: int, warmup: int = 3, flush_l2: bool = True) -> None:
         self.repeats, self.warmup = repeats, warmup
-        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # > 50 MB L2
+        # > 50 MB L2
+        self.flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if flush_l2 else None
 
     def __call__(self, op, graph: bool = False) -> list[float]:
         for _ in range(self.warmup):
@@ -88,8 +90,10 @@ class Timer:
             run = cuda_graph.replay
             run()
         times = []
+        torch.cuda.synchronize()
         for _ in range(self.repeats):
-            self.flush.zero_()
+            if self.flush is not None:
+                self.flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()

@@ -104,6 +104,7 @@ export PYTHONPATH="$compat_site${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_DIST_INIT_BARRIER=${TORCH_DIST_INIT_BARRIER:-1}
 export LOGLEVEL=${LOGLEVEL:-INFO}  # torchrun then logs the rendezvous result (group rank, world size) of each node
 
-srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 --output="$LOG_DIR/node%n-%N.log" \
+# Slurm 22.05's srun does not inherit the job's --cpus-per-task: pass it on, or every rank shares one core.
+srun --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 --output="$LOG_DIR/node%n-%N.log" \
   tune run "${tune_args[@]}" "$RECIPE" --config "$CONFIG" "${overrides[@]}" "$@"
 log "finished"

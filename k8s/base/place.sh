@@ -14,6 +14,9 @@ if [ -f "$dest/config.json" ]; then
   echo "model-placement: $dest already present"
   exit 0
 fi
+archive="$MODELS_DIR/.$MODEL_NAME.tar.gz"
+# A failed copy, download or checksum leaves nothing behind on the volume (a 2.6 GB archive, a partial directory).
+trap 'rm -rf "$partial" "$archive"' EXIT
 rm -rf "$partial"
 mkdir -p "$partial"
 if [ -d "$SOURCE_DIR/$MODEL_NAME" ]; then
@@ -21,7 +24,6 @@ if [ -d "$SOURCE_DIR/$MODEL_NAME" ]; then
   cp -R "$SOURCE_DIR/$MODEL_NAME/." "$partial/"
 else
   echo "model-placement: downloading $MODEL_URL"
-  archive="$MODELS_DIR/.$MODEL_NAME.tar.gz"
   curl -fsSL --retry 3 -o "$archive" "$MODEL_URL"
   echo "$MODEL_SHA256  $archive" | sha256sum -c -
   tar -xzf "$archive" -C "$partial" --strip-components=1

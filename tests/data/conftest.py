@@ -6,6 +6,7 @@ import collections
 import pytest
 
 from mla_components.data import byte_tokenizer, make_needle_sample
+from tests._requirements import require_module
 
 NUM_MERGES = 400
 
@@ -50,7 +51,7 @@ def llama3_tok(tmp_path_factory):
     The real Llama 3 file is a gated download; a tiny merge table trained on haystack text of both splits
     exercises the same code path, with multi-byte tokens that merge across characters.
     """
-    llama3 = pytest.importorskip("torchtune.models.llama3")
+    llama3 = require_module("torchtune.models.llama3", "torchtune is a dependency")
     corpus = " ".join(
         make_needle_sample(byte_tokenizer(), context_tokens=3000, depth=0.5, kind=kind, seed=seed, split=split).prompt
         for split in ("train", "eval")

@@ -10,6 +10,7 @@ from torchtune.data import Message
 from torchtune.data._utils import truncate
 
 from mla_components.data import ByteTokenizer, byte_tokenizer
+from tests._requirements import require_module, unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
@@ -47,7 +48,7 @@ def hf_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(hf_dir):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers", 'pip install -e ".[dev]"')
     return transformers.AutoTokenizer.from_pretrained(hf_dir)
 
 
@@ -140,7 +141,7 @@ def test_saved_files_load_back(tokenizer, hf_dir):
 
 
 def test_load_rejects_a_non_byte_tokenizer_json(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    tokenizers = require_module("tokenizers", 'pip install -e ".[dev]"')
     other = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     other.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="not a byte-level tokenizer"):
@@ -181,8 +182,9 @@ def test_transformers_chat_template_matches_tokenize_messages(tokenizer, hf_toke
     assert theirs == prompt
 
 
-@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"vLLM venv not installed at {VLLM_PYTHON} (make serve-setup)")
 def test_vllm_loads_and_encodes_like_us(tokenizer, hf_dir):
+    if not VLLM_PYTHON.exists():
+        unavailable(f"vLLM venv not installed at {VLLM_PYTHON} (make serve-setup)")
     script = (
         "import json, sys\n"
         "from vllm.tokenizers import get_tokenizer\n"

@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from mla_components.checkpointing.init import write_initial_checkpoint
+from tests._requirements import unavailable
 from tests.eval.vllm_server import VLLM_READY, serve_vllm
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,7 +37,7 @@ def passkey_cfg(tiny_checkpoint, tmp_path):
 def vllm_base_url(tiny_checkpoint, tmp_path_factory):
     """``vllm serve`` of the tiny checkpoint (junk answers: the judge's malformed-output path), one per session."""
     if not VLLM_READY.exists():
-        pytest.skip(f"vLLM is not installed ({VLLM_READY} missing; run `make serve-setup`)")
+        unavailable(f"vLLM is not installed ({VLLM_READY} missing; run `make serve-setup`)")
     log = tmp_path_factory.mktemp("vllm") / "server.log"
     with serve_vllm(tiny_checkpoint, served_name="tiny-judge", log_path=log) as base_url:
         yield base_url

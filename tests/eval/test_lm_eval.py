@@ -1,6 +1,5 @@
 """The project's lm-eval task (local data) through Torchtune's eleuther_eval recipe, offline."""
 
-import importlib.util
 import json
 import os
 import re
@@ -13,11 +12,15 @@ from omegaconf import OmegaConf
 
 from mla_components.data import byte_tokenizer
 from mla_components.evaluation.passkey import PasskeyGrid, lm_eval_documents, make_trials
+from tests._requirements import require_module
 from tests.eval.conftest import REPO
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason='lm-eval is not installed (pip install -e ".[eval]")'
-)
+
+@pytest.fixture(autouse=True)
+def _lm_eval_installed():
+    require_module("lm_eval", 'pip install -e ".[eval]"')
+
+
 TUNE = str(Path(sys.executable).with_name("tune"))
 
 

@@ -2,37 +2,21 @@
 serving tests check against a live vLLM + Prometheus: metric names, PromQL queries, the scrape configuration."""
 
 import copy
-import os
 import re
-import shutil
 import subprocess
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+
+from tests._requirements import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 OVERLAYS = ("k3s", "standard")
 NAMESPACE = "infinitecontext"
 VLLM_METRIC = re.compile(r"vllm:[A-Za-z0-9_:]+")
-
-
-def unavailable(message: str) -> None:
-    """A missing prerequisite fails under CI (which installs everything) and skips elsewhere."""
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def require_tool(path: str | Path, why: str) -> str:
-    """The tool's path, or ``unavailable``."""
-    found = shutil.which(str(path))
-    if found is None:
-        unavailable(f"{path} not found: {why}")
-    return found
 
 
 @cache

@@ -7,6 +7,7 @@ from mla_kernels.backend import resolve_backend
 
 from mla_components.generation import greedy_generate
 from mla_components.models import mla_tiny
+from tests._requirements import unavailable
 
 
 def test_resolve_backend_rules(monkeypatch):
@@ -43,10 +44,9 @@ def _tiny(kernel_backend, device):
     return model.to(device).eval()
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() and not backend.triton_available(), reason="needs triton (interpreter on CPU)"
-)
 def test_mla_tiny_greedy_generation_same_tokens_with_torch_and_triton(device, monkeypatch):
+    if not backend.triton_available():
+        unavailable('triton is not installed (pip install -e ".[triton]"; the interpreter runs it on CPU)')
     from mla_kernels import mla_decode as mla_decode_module
 
     if device.type == "cpu":

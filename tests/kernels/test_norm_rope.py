@@ -1,10 +1,13 @@
-"""Triton RMSNorm and interleaved RoPE: forward and gradients against autograd of the PyTorch references."""
+"""Triton RMSNorm and interleaved RoPE: forward and gradients against autograd of the PyTorch references, with
+outputs and gradients allocated poisoned (``poisoned`` in conftest.py)."""
 
 import pytest
 import torch
 from torchtune.modules import RMSNorm
 
-pytest.importorskip("triton")
+from tests._requirements import require_module
+
+require_module("triton", 'pip install -e ".[triton]"')
 
 from mla_kernels.rms_norm import TritonRMSNorm, rms_norm  # noqa: E402
 from mla_kernels.rope import TritonDecoupledRotaryEmbedding, apply_interleaved_rope  # noqa: E402
@@ -22,7 +25,7 @@ def reference_rms_norm(x, scale, eps):
 
 
 @pytest.mark.parametrize("dim", [40, 512])
-def test_rms_norm_forward_and_gradients_match_autograd(device, dim):
+def test_rms_norm_forward_and_gradients_match_autograd(poisoned, device, dim):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, dim, generator=gen).to(device)
     scale = (1 + 0.3 * torch.randn(dim, generator=gen)).to(device)
@@ -41,7 +44,7 @@ def test_rms_norm_forward_and_gradients_match_autograd(device, dim):
     torch.testing.assert_close(s_t.grad.double(), s_r.grad, atol=1e-4, rtol=1e-5)
 
 
-def test_triton_rms_norm_is_a_drop_in_for_torchtune(device):
+def test_triton_rms_norm_is_a_drop_in_for_torchtune(poisoned, device):
     reference = RMSNorm(48, eps=1e-5).to(device)
     with torch.no_grad():
         reference.scale.copy_(torch.linspace(0.5, 1.5, 48))
@@ -55,7 +58,7 @@ def test_triton_rms_norm_is_a_drop_in_for_torchtune(device):
 
 @pytest.mark.parametrize("rope_scaling", [None, YARN], ids=["rope", "yarn"])
 @pytest.mark.parametrize("positions", ["default", "per_sample"])
-def test_rope_module_forward_and_gradient_match_torchtune(device, rope_scaling, positions):
+def test_rope_module_forward_and_gradient_match_torchtune(poisoned, device, rope_scaling, positions):
     """Same cache, same numerics as DecoupledRotaryEmbedding (Torchtune's forward), and the same gradient."""
     b, s, h, d = 2, 9, 5, 16
     torch_rope = DecoupledRotaryEmbedding(d, max_seq_len=64, rope_scaling=rope_scaling).to(device)
@@ -76,7 +79,7 @@ def test_rope_module_forward_and_gradient_match_torchtune(device, rope_scaling, 
     torch.testing.assert_close(x_t.grad, x_r.grad, atol=1e-6, rtol=1e-6)
 
 
-def test_rope_backward_is_the_adjoint_with_scaled_cos_sin(device):
+def test_rope_backward_is_the_adjoint_with_scaled_cos_sin(poisoned, device):
     """<dy, R x> == <R^T dy, x> for cos/sin of magnitude != 1 (YaRN's attention factor), per-sample angles."""
     gen = torch.Generator().manual_seed(2)
     angles = torch.rand(2, 3, 4, generator=gen) * 6.28

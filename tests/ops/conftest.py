@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._requirements import require_root, unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 OPS_BIN = REPO / ".venv-ops" / "bin"
 TEST_VARS = Path(__file__).with_name("ansible") / "slurm_localhost.yml"
@@ -31,7 +33,7 @@ def ops_tool(name: str) -> str:
     """A tool of the ops virtualenv (.venv-ops), or skip when it is not installed."""
     path = OPS_BIN / name
     if not path.exists():
-        pytest.skip(f"{path} missing: python3 -m venv .venv-ops && .venv-ops/bin/pip install ansible-core ansible-lint")
+        unavailable(f"{path} missing: make ops-setup")
     return str(path)
 
 
@@ -111,8 +113,7 @@ def _stop_daemons(root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmCluster:
-    if os.geteuid() != 0:
-        pytest.skip("the Slurm role test needs root (it creates device nodes and runs the daemons)")
+    require_root("the Slurm role test creates device nodes and runs the daemons")
     ops_tool("ansible-playbook")
     # A short path: munged's socket lives under it (unix socket paths are limited to 108 bytes).
     root = Path(tempfile.mkdtemp(prefix="ic-slurm-", dir="/tmp"))

@@ -2,12 +2,10 @@
 nothing."""
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
+from tests._requirements import require_tool
 from tests.ops.conftest import FAKE_GPUS_PER_NODE, NODES, recap
 
 
@@ -39,8 +37,8 @@ def test_second_run_of_the_role_changes_nothing(slurm_cluster):
     assert second == {"ok": second["ok"], "changed": 0, "unreachable": 0, "failed": 0}, slurm_cluster.second_run.stdout
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing: apt-get install shellcheck")
 def test_rendered_daemon_script_is_shellcheck_clean(slurm_cluster):
+    shellcheck = require_tool("shellcheck", "apt-get install shellcheck (make ops-setup)")
     script = slurm_cluster.root / "etc" / "slurm-direct-daemon"
-    proc = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
+    proc = subprocess.run([shellcheck, "--severity=style", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout

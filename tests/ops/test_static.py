@@ -2,7 +2,6 @@
 K3s manifests against the Kubernetes schema, and the launcher's and resume helper's behaviour on bad input."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 import yaml
 
 from mla_components.checkpointing.latest import main as latest_main
+from tests._requirements import require_tool
 from tests.ops.conftest import OPS_BIN, REPO, TEST_INVENTORY, ops_tool, recap
 
 ANSIBLE = REPO / "ansible"
@@ -69,10 +69,10 @@ def test_check_mode_of_roles_that_cannot_run_here(role):
     assert {path: os.path.exists(path) for path in before} == before
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing: apt-get install shellcheck")
 def test_shellcheck_is_clean_on_the_slurm_templates():
+    shellcheck = require_tool("shellcheck", "apt-get install shellcheck (make ops-setup)")
     assert len(SHELL_SCRIPTS) >= 5  # launch.sh and the four sbatch templates
-    proc = run(["shellcheck", "--severity=style", "--shell=bash", "-x", *SHELL_SCRIPTS])
+    proc = run([shellcheck, "--severity=style", "--shell=bash", "-x", *SHELL_SCRIPTS])
     assert proc.returncode == 0, proc.stdout
 
 

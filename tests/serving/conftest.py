@@ -18,7 +18,8 @@ import yaml
 
 from mla_components.checkpointing import load_hf_checkpoint, write_hf_checkpoint
 from mla_components.export import export_checkpoint
-from tests.k8s.manifests import REPO, configmap_file, localhost_scrape_config, objects, require_tool
+from tests._requirements import require_tool
+from tests.k8s.manifests import REPO, configmap_file, localhost_scrape_config, objects
 
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 SERVING = Path(__file__).parent

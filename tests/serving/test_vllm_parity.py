@@ -17,7 +17,7 @@ from mla_components.data import byte_tokenizer
 from mla_components.export import load_exported_checkpoint
 from mla_components.generation import greedy_generate
 from mla_components.models import MLAConfig, mla
-from tests.k8s.manifests import unavailable
+from tests._requirements import unavailable
 from tests.serving.conftest import SERVING, VLLM_ENV, vllm_has_torchao, vllm_python
 
 pytestmark = pytest.mark.slow  # starts vLLM engines: about a minute each on 2 cores

@@ -242,7 +242,7 @@ class OpenAICompatibleJudge:
         wrong URL fails before any trial is sent."""
         try:
             models = [m["id"] for m in self._request("/models").get("data", [])]
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConnectionError(f"judge.base_url {self.base_url} is not an OpenAI-compatible server: {e}") from e
         if models and self.model not in models:
             raise ValueError(f"judge.model {self.model!r} is not served at {self.base_url} (it serves {models})")
@@ -250,8 +250,14 @@ class OpenAICompatibleJudge:
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         body = {"model": self.model, "messages": messages, **self.sampling}
-        choice = self._request("/chat/completions", body)["choices"][0]
-        return choice["message"].get("content") or ""
+        response = self._request("/chat/completions", body)
+        try:
+            content = response["choices"][0]["message"].get("content")
+        except (KeyError, IndexError, TypeError, AttributeError) as e:  # any other JSON than a chat completion
+            raise ValueError(f"not a chat completion: {str(response)[:200]}") from e
+        if content is not None and not isinstance(content, str):
+            raise ValueError(f"message content is not text: {str(content)[:200]}")
+        return content or ""
 
     def grade(self, trial: dict[str, Any]) -> dict[str, Any]:
         """Judge one trial; returns the trial's keys, the verdict, the raw completion and the attempts made."""

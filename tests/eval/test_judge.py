@@ -1,9 +1,11 @@
 """The Prometheus-style judge: output parsing, prompts, and a real OpenAI-compatible server (vLLM, CPU)."""
 
 import csv
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,50 @@ def test_bad_judge_config_and_unreachable_server_fail_fast():
     judge = OpenAICompatibleJudge("http://127.0.0.1:9/v1", "x", timeout_s=5)  # port 9 (discard): nothing listens
     with pytest.raises(ConnectionError, match=r"judge.base_url http://127.0.0.1:9/v1"):
         judge.check_endpoint()
+
+
+def test_unreachable_judge_fails_before_any_model_loads(passkey_cfg):
+    passkey_cfg.judge = {"base_url": "http://127.0.0.1:9/v1", "model": "x", "timeout_s": 5}
+
+    def load_model(entry):
+        raise AssertionError("a model was loaded before the judge endpoint was checked")
+
+    with pytest.raises(ConnectionError, match="judge.base_url"):
+        run(passkey_cfg, load_model=load_model)
+
+
+# Not chat completions: what a broken proxy or a non-OpenAI server may answer with HTTP 200.
+_ODD_BODIES = [b'{"choices": null}', b'{"choices": [{"message": null}]}', b"[1, 2]", b"not json",
+               b'{"choices": [{"message": {"content": [{"type": "text"}]}}]}']  # fmt: skip
+
+
+def test_odd_server_answers_are_request_errors_not_crashes():
+    """Fault injection (no real server answers like this): every trial gets a status, none raises."""
+    bodies = iter(_ODD_BODIES)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = next(bodies)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        judge = OpenAICompatibleJudge(f"http://127.0.0.1:{server.server_port}/v1", "x", parse_retries=0, timeout_s=5)
+        trial = {"model": "m", "context_tokens": 400, "depth": 0.5, "trial": 0, "answer": "12345",
+                 "correct": False, "question": "What is the pass key?", "generated": "1", "excerpt": "..."}  # fmt: skip
+        judgements = [judge.grade(trial) for _ in _ODD_BODIES]
+    finally:
+        server.shutdown()
+    assert [j["status"] for j in judgements] == ["request_error"] * len(_ODD_BODIES)
+    assert all(j["score"] is None and j["raw"] for j in judgements)
 
 
 @pytest.fixture

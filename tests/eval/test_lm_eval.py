@@ -1,5 +1,6 @@
 """The project's lm-eval task (local data) through Torchtune's eleuther_eval recipe, offline."""
 
+import importlib.util
 import json
 import os
 import re
@@ -12,13 +13,15 @@ from omegaconf import OmegaConf
 
 from mla_components.data import byte_tokenizer
 from mla_components.evaluation.passkey import PasskeyGrid, lm_eval_documents, make_trials
-from tests._requirements import require_module
+from tests._requirements import unavailable
 from tests.eval.conftest import REPO
 
 
 @pytest.fixture(autouse=True)
 def _lm_eval_installed():
-    require_module("lm_eval", 'pip install -e ".[eval]"')
+    # found, not imported: lm-eval <= 0.4.8 cannot be imported under transformers 5 until the recipe's fix runs
+    if importlib.util.find_spec("lm_eval") is None:
+        unavailable('lm-eval is not installed (pip install -e ".[eval]")')
 
 
 TUNE = str(Path(sys.executable).with_name("tune"))

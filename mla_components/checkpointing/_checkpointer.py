@@ -16,7 +16,12 @@ import torch
 from torchtune import training
 from torchtune.training.checkpointing._checkpointer import _CheckpointerInterface
 
-from mla_components.checkpointing._hf_format import load_hf_checkpoint, read_config, write_hf_checkpoint
+from mla_components.checkpointing._hf_format import (
+    load_hf_checkpoint,
+    read_config,
+    recover_interrupted_writes,
+    write_hf_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +47,33 @@ def latest_resumable_epoch(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _write_initial_checkpoint_once(builder: str, directory: Path, seed: int, tokenizer_dir: str | None) -> None:
-    """Rank 0 writes the initial checkpoint (atomically); in a distributed run the other ranks wait for it."""
+def _ensure_initial_checkpoint(builder: str, directory: Path, seed: int, tokenizer_dir: str | None) -> None:
+    """Write a freshly initialised ``builder`` to ``directory`` unless it already holds a checkpoint.
+
+    In a distributed run only rank 0 looks and writes (atomically); every rank then takes part in the same
+    collective, whatever it would have seen on disk, and a failure on rank 0 is raised on every rank instead of
+    leaving the others waiting.
+    """
     from mla_components.checkpointing.init import write_initial_checkpoint  # imports the builders lazily
 
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if not distributed or torch.distributed.get_rank() == 0:
+    rank = torch.distributed.get_rank() if distributed else 0
+    error = None
+    if rank == 0 and not (directory / "config.json").is_file():
         log.info("checkpoint_dir %s is empty: writing a fresh %s (seed %d)", directory, builder, seed)
-        write_initial_checkpoint(builder, directory, seed=seed, tokenizer_dir=tokenizer_dir)
+        try:
+            write_initial_checkpoint(builder, directory, seed=seed, tokenizer_dir=tokenizer_dir)
+        except Exception as e:
+            if not distributed:
+                raise
+            error = e
     if distributed:
-        torch.distributed.barrier()
+        outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if error is not None:
+            raise error
+        if outcome[0] is not None:
+            raise RuntimeError(f"rank 0 could not write the initial checkpoint to {directory}: {outcome[0]}")
 
 
 class AtomicHFCheckpointer(_CheckpointerInterface):
@@ -110,9 +132,11 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         self._checkpoint_files = list(checkpoint_files) if checkpoint_files else None
         self._should_load_recipe_state = should_load_recipe_state or resume_from_checkpoint
         self._keep_last_n = keep_last_n_intermediate
-        if init_model is not None and not (self._checkpoint_dir / "config.json").is_file():
-            _write_initial_checkpoint_once(init_model, self._checkpoint_dir, init_seed, init_tokenizer_dir)
+        if init_model is not None:
+            _ensure_initial_checkpoint(init_model, self._checkpoint_dir, init_seed, init_tokenizer_dir)
         self._config = read_config(self._checkpoint_dir)  # fail fast, before any model is built
+        if self._output_dir.is_dir():  # a process killed mid-save: its previous epoch is restored
+            recover_interrupted_writes(self._output_dir)
         self._resume_dir: Path | None = None
         if self._should_load_recipe_state:
             if recipe_checkpoint is not None:
@@ -125,8 +149,6 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
                     "with recipe_state.pt; start without resume_from_checkpoint (or point output_dir at the run)"
                 )
         self._output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self._output_dir.glob(".epoch_*.tmp-*"):  # left by a process killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
 
     def load_checkpoint(self) -> dict[str, Any]:
         source = self._resume_dir or self._checkpoint_dir

@@ -66,6 +66,21 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         raise
 
 
+def recover_interrupted_writes(parent: Path) -> None:
+    """Undo what a process killed inside :func:`atomic_directory` left in ``parent``: ``.<name>.tmp-*`` (an
+    incomplete new version) is deleted; ``.<name>.old-*`` (the complete previous version, moved aside just before
+    the new one was renamed in) is renamed back when ``<name>`` is missing, and deleted otherwise."""
+    parent = Path(parent)
+    for tmp in parent.glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in parent.glob(".*.old-*"):
+        target = parent / old.name[1:].rsplit(".old-", 1)[0]
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, target)
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():

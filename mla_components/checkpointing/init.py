@@ -69,7 +69,11 @@ def write_initial_checkpoint(
         else:
             tokenizer_dir = Path(tokenizer_dir)
             if not (tokenizer_dir / "tokenizer.json").is_file():
-                raise FileNotFoundError(f"--tokenizer-dir {tokenizer_dir} has no tokenizer.json")
+                raise FileNotFoundError(
+                    f"tokenizer directory {tokenizer_dir} (checkpointer.init_tokenizer_dir in a config, "
+                    "--tokenizer-dir on the command line) has no tokenizer.json: point it at the HF tokenizer files, "
+                    "e.g. tune download meta-llama/Llama-3.2-1B-Instruct --output-dir <dir>"
+                )
             side = tokenizer_dir
             config = hf_config_of(model)
         return write_hf_checkpoint(output, model.state_dict(), config, side_files_from=side)

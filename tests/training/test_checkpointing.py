@@ -68,12 +68,19 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     state = load_file(weights)
     del state["model.layers.1.self_attn.kv_b_proj.weight"]
     state["model.layers.0.self_attn.q_a_proj.weight"] = torch.zeros(3, 3)
+    state["model.layers.9.self_attn.kv_b_proj.weight"] = torch.zeros(2, 2)  # a layer the model does not have
     save_file(state, weights)
     with pytest.raises(ValueError) as err:
         load_hf_checkpoint(tmp_path / "k")
     message = str(err.value)
     assert "layers.1.attn.kv_b_proj.weight" in message  # missing (Torchtune name)
     assert "layers.0.attn.q_a_proj.weight: (3, 3)" in message  # wrong shape
+    assert "layers.9.attn.kv_b_proj.weight" in message  # unexpected
+
+    state["model.layers.0.self_attn.bogus_proj.weight"] = torch.zeros(2, 2)  # no DeepseekV3 name at all
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="unknown state-dict key 'model.layers.0.self_attn.bogus_proj.weight'"):
+        load_hf_checkpoint(tmp_path / "k")
 
 
 _KILLED_MID_SAVE = textwrap.dedent(
@@ -158,3 +165,26 @@ def test_bad_checkpointer_arguments_fail_fast_with_the_field(tmp_path):
         AtomicHFCheckpointer(
             checkpoint_dir=str(tmp_path / "b"), output_dir=str(tmp_path / "o"), should_load_recipe_state=True
         )
+
+
+def test_a_kill_between_the_two_renames_of_an_overwrite_is_undone(tmp_path):
+    """``atomic_directory`` moves the previous epoch aside (``.epoch_N.old-*``) before renaming the new one in; a
+    kill between the two leaves no ``epoch_N``. The next checkpointer on that output directory puts it back."""
+    out = tmp_path / "out"
+    model = randomize_(mla(small_config()), seed=4)
+    for epoch in (0, 1):
+        write_hf_checkpoint(
+            out / f"epoch_{epoch}", model.state_dict(), model.mla_config.to_hf_config(), extra={"recipe_state": {}}
+        )
+    (out / "epoch_1").rename(out / ".epoch_1.old-1234abcd")  # the new epoch_1 never arrived
+    (out / "epoch_0").rename(out / ".epoch_0.old-5678abcd")
+    write_hf_checkpoint(out / "epoch_0", model.state_dict(), model.mla_config.to_hf_config())  # ... this one did
+    assert latest_resumable_epoch(out) is None  # nothing resumable before recovery
+
+    base = tmp_path / "base"
+    write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
+    AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["epoch_0", "epoch_1"]  # restored; the superseded copy deleted
+    assert latest_resumable_epoch(out) == out / "epoch_1"
+    _, state = load_hf_checkpoint(out / "epoch_1")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

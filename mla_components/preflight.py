@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from torchtune import config as tt_config
-from torchtune.config._errors import ConfigError
+from torchtune.config._errors import ConfigError, InstantiationError
 from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
@@ -33,7 +33,7 @@ def load_config(config_path: str | Path, overrides: list[str]) -> DictConfig:
 def _check(field: str, build):
     try:
         return build()
-    except (ConfigError, ValueError, TypeError, FileNotFoundError, OSError, ImportError) as e:
+    except (ConfigError, InstantiationError, ValueError, TypeError, OSError, ImportError) as e:
         raise PreflightError(f"config field `{field}`: {e}") from e
 
 

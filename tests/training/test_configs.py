@@ -105,3 +105,40 @@ def test_mla_tune_run_resolves_project_config_names():
     ]
     with pytest.raises(SystemExit, match="--config"):
         tune_run_argv(["full_finetune_distributed", "--config", "nope/nope"])
+
+
+@pytest.mark.parametrize(
+    "config, override, field, detail",
+    [
+        (
+            "mla_tiny/sft_distributed",
+            "model._component_=mla_components.models.mla_huge",
+            "_component_ paths",
+            "mla_huge",
+        ),
+        ("mla_tiny/sft_distributed", "model.qk_rope_head_dim=63", "model", "qk_rope_head_dim"),
+        ("mla_tiny/sft_distributed", "dataset.context_tokens=100", "dataset", "set context_tokens >= "),
+        ("mla_1b/sft_distributed", "tokenizer.path=/nonexistent/tokenizer.model", "tokenizer", "/nonexistent"),
+    ],
+    ids=["unknown_component", "dims_that_do_not_fit", "needle_longer_than_context", "missing_tokenizer_file"],
+)
+def test_mla_tune_validate_names_the_field(config, override, field, detail):
+    """``mla-tune validate`` (also run by ``mla-tune run`` before ``tune run``) refuses each kind of bad config in
+    seconds, naming the config field and what is wrong with it."""
+    with pytest.raises(SystemExit) as failure:
+        mla_tune(["validate", "--config", config, override])
+    message = str(failure.value)
+    assert f"config field `{field}`" in message and detail in message, message
+
+
+def test_mla_tune_validate_accepts_the_shipped_configs(capsys):
+    mla_tune(
+        [
+            "validate",
+            "--config",
+            "mla_tiny/sft_distributed",
+            "dataset.context_tokens=4096",
+            "tokenizer.max_seq_len=4096",
+        ]
+    )
+    assert "config OK" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -330,6 +330,13 @@ def run(cfg: DictConfig, load_model: Callable[[ModelEntry], torch.nn.Module] | N
                 f"max_seq_len ({max_lens[entry.name]}); lower the largest of context_lengths"
             )
 
+    judge = None
+    if cfg.get("judge") is not None:  # a wrong URL or model fails now, not after the whole evaluation
+        from mla_components.evaluation.judge import build_judge
+
+        judge = build_judge(OmegaConf.to_container(cfg.judge, resolve=True))
+        judge.check_endpoint()
+
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
     load_model = load_model or (lambda entry: load_checkpointed_model(entry, device, dtype, cfg.output_dir))
@@ -354,10 +361,10 @@ def run(cfg: DictConfig, load_model: Callable[[ModelEntry], torch.nn.Module] | N
     paths = write_report(Path(cfg.output_dir), report_config, results)
     log.info("\n" + paths["summary"].read_text())
     log.info("Wrote %s", ", ".join(str(p) for p in paths.values()))
-    if cfg.get("judge") is not None:
-        from mla_components.evaluation.judge import build_judge, judge_results
+    if judge is not None:
+        from mla_components.evaluation.judge import judge_results
 
-        judge_results(cfg.output_dir, build_judge(OmegaConf.to_container(cfg.judge, resolve=True)))
+        judge_results(cfg.output_dir, judge)
     return paths
 
 
@@ -368,20 +375,24 @@ def packaged_config(name: str = "mla_tiny/passkey_eval.yaml") -> DictConfig:
     return OmegaConf.create(files("mla_recipes.configs").joinpath(name).read_text())
 
 
-def evaluate_checkpoint(
-    checkpoint_dir: str | Path,
+def evaluate_checkpoints(
+    checkpoints: Mapping[str, str | Path],
     output_dir: str | Path,
     config: str = "mla_tiny/passkey_eval.yaml",
-    name: str | None = None,
     **overrides: Any,
 ) -> dict[str, Path]:
-    """Run a shipped passkey config on one checkpoint (the main job's last step); ``name`` labels it in the report,
+    """Run a shipped passkey config on named checkpoint directories, side by side in one report (compare mode),
+    e.g. ``{"sft": ..., "dpo": ...}`` (the main job's last step). Each uses the config's model and checkpointer;
     ``overrides`` replace config fields, e.g. ``context_lengths=[512, 1024]``."""
+    if not checkpoints:
+        raise ValueError("checkpoints is empty: give {name: checkpoint_dir}")
     cfg = packaged_config(config)
-    cfg.checkpointer.checkpoint_dir = str(checkpoint_dir)
+    template = cfg.checkpointer
+    cfg.checkpointer = [
+        {"name": name, "checkpointer": OmegaConf.merge(template, {"checkpoint_dir": str(directory)})}
+        for name, directory in checkpoints.items()
+    ]
     cfg.output_dir = str(output_dir)
-    if name is not None:
-        cfg.name = name
     return run(OmegaConf.merge(cfg, overrides))
 
 

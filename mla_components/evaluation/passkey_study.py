@@ -20,6 +20,7 @@ from pathlib import Path
 from mla_components.torchtune_compat import cpu_env
 
 REPO = Path(__file__).resolve().parents[2]
+MODELS = ("mla_tiny", "gqa_tiny")  # the models of configs/mla_tiny/passkey_long_context.yaml
 TUNE = [sys.executable, "-m", "torchtune._cli.tune", "run"]
 
 
@@ -48,7 +49,6 @@ def train(model: str, args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mla_tiny", "gqa_tiny"])
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--context", type=int, default=4096, help="training context, in tokens")
     parser.add_argument("--batch", type=int, default=16)
@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", type=Path, default=Path("outputs/passkey_study"))
     parser.add_argument("eval_overrides", nargs="*", help="key=value overrides of the evaluation config")
     args = parser.parse_args(argv)
-    seconds = {model: train(model, args) for model in args.models}
+    args.root = args.root.resolve()  # the recipes run from the repository root
+    seconds = {model: train(model, args) for model in MODELS}
     for model, s in seconds.items():
         print(f"{model}: {args.steps} steps x {args.batch} x {args.context} tokens in {s:.0f} s", flush=True)
     _run([
         *TUNE, "mla_recipes/passkey_eval.py", "--config", str(REPO / "configs/mla_tiny/passkey_long_context.yaml"),
-        f"output_dir={args.root / 'eval'}", f"device={args.device}", f"dtype={args.dtype}", *args.eval_overrides,
+        f"study_root={args.root}", f"device={args.device}", f"dtype={args.dtype}", *args.eval_overrides,
     ])  # fmt: skip
     print((args.root / "eval" / "summary.txt").read_text())
 

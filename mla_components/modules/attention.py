@@ -6,9 +6,11 @@ d_c = kv_lora_rank (latent), d_r = qk_rope_head_dim, d_n = qk_nope_head_dim, d_v
 Two ways to compute the same function:
 - expanded (training, and any call without a cache): ``kv_b_proj`` decompresses the latent into per-head keys and
   values, then scaled-dot-product attention over ``q = [q_nope, q_pe]`` and ``k = [k_nope, k_pe]``;
-- absorbed (every call with the cache enabled): ``W_UK`` is folded into the query, scores are taken directly
-  against the cached latent, and ``W_UV`` is applied after attention, so per-head K/V are never materialised
-  (DeepSeek-V3 ``inference/model.py``, ``attn_impl="absorb"``).
+- absorbed (cached decode: at most ``TRITON_DECODE_MAX_QUERIES`` new tokens per call with the cache enabled):
+  ``W_UK`` is folded into the query, scores are taken directly against the cached latent, and ``W_UV`` is applied
+  after attention, so per-head K/V are never materialised (DeepSeek-V3 ``inference/model.py``,
+  ``attn_impl="absorb"``). Longer cached calls (chunked prefill) write the latent to the cache, then expand the
+  filled prefix once and run SDPA, which beats scoring every query against the latent at long context.
 """
 
 import torch

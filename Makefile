@@ -6,6 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 # On a GPU machine pick the matching build, e.g.  make demo TORCH_SPEC="torch==2.11.0"
 TORCH_SPEC ?= torch==2.13.0
+# Where a plain `pip install torch` would pull the CUDA build (PyPI on Linux), name PyTorch's CPU index, e.g.
+#   make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# (empty: pip's configured index, which on our machines serves the CPU wheel).
+TORCH_INDEX_URL ?=
+TORCH_INSTALL = pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint setup serve-setup ops-setup clean
@@ -14,7 +19,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/$(TORCH_INSTALL)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
@@ -27,7 +32,7 @@ serve-setup: $(VLLM_VENV)/.installed
 
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/$(TORCH_INSTALL)
 	$(VLLM_VENV)/bin/pip install --quiet "$(VLLM_SPEC)"
 	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	# transformers 5 and vLLM read torchao-quantised exports only with torchao >= 0.15 (the training venv must stay

@@ -119,7 +119,6 @@ def main(argv: list[str] | None = None) -> None:
 
     grid = dict(context_lengths=[512, 1024], depths=[0.0, 0.5, 1.0], trials_per_cell=2)
     paths = evaluate_checkpoints({"mla_tiny_sft": sft, "mla_tiny_dpo": dpo}, out / "passkey_eval", **grid)
-    print(paths["summary"].read_text().rstrip())
     print(f"\nEverything is under {out}: sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store "
           f"{out / 'sft' / 'mlflow.db'}), export/, passkey_eval/")  # fmt: skip
     print(f"The passkey heatmap: {paths['heatmap']}")

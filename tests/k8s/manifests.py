@@ -19,6 +19,18 @@ NAMESPACE = "infinitecontext"
 VLLM_METRIC = re.compile(r"vllm:[A-Za-z0-9_:]+")
 
 
+def k3s_kubernetes_version() -> str:
+    """The Kubernetes minor of the K3s release the Ansible role installs (``k3s_version: v1.31.6+k3s1`` ->
+    ``1.31.0``, the schema kubernetes-validate bundles for that minor)."""
+    defaults = yaml.safe_load((REPO / "ansible" / "roles" / "k3s" / "defaults" / "main.yml").read_text())
+    major, minor = re.match(r"v(\d+)\.(\d+)\.", defaults["k3s_version"]).groups()
+    return f"{major}.{minor}.0"
+
+
+# The manifests must validate on the K3s the role installs and on a current standard cluster.
+KUBERNETES_VERSIONS = (k3s_kubernetes_version(), "1.33.0")
+
+
 @cache
 def render(overlay: str) -> str:
     """``kubectl kustomize k8s/overlays/<overlay>`` (kubectl's built-in Kustomize v5; no cluster needed)."""

@@ -2,6 +2,7 @@
 and carrying what serving an MLA model on GPUs needs. The live checks (metrics, Prometheus, PromQL) are in
 tests/serving."""
 
+import itertools
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ import yaml
 from tests._requirements import require_tool
 from tests.k8s.manifests import (
     K8S,
+    KUBERNETES_VERSIONS,
     OVERLAYS,
     REPO,
     adapter_rules,
@@ -24,7 +26,6 @@ from tests.k8s.manifests import (
     render,
 )
 
-K8S_VERSION = "1.33.0"  # K3s/K8s stable at the time of writing; kubernetes-validate bundles its schemas
 OPS = REPO / ".venv-ops" / "bin"
 OPS_HINT = "the ops virtualenv .venv-ops (kubernetes-validate, checkov, yamllint) is not installed"
 # Custom resources (no schema in kubernetes-validate's bundle) would be listed here and checked separately; the
@@ -47,11 +48,11 @@ def rendered_dir(tmp_path_factory):
 
 def test_every_object_validates_strictly_against_pinned_kubernetes(rendered_dir):
     tool = require_tool(OPS / "kubernetes-validate", OPS_HINT)
-    for name in OVERLAYS:
+    for name, version in itertools.product(OVERLAYS, KUBERNETES_VERSIONS):
         objs = objects(name)
         assert not {o["kind"] for o in objs} & CUSTOM_RESOURCE_KINDS
         result = subprocess.run(
-            [tool, "--strict", "-k", K8S_VERSION, str(rendered_dir / f"{name}.yaml")],
+            [tool, "--strict", "-k", version, str(rendered_dir / f"{name}.yaml")],
             capture_output=True,
             text=True,
             timeout=120,
@@ -69,7 +70,10 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path):
     deployment["spec"]["template"]["spec"]["containers"][0]["startupProbes"] = {}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(deployment))
     result = subprocess.run(
-        [tool, "--strict", "-k", K8S_VERSION, str(tmp_path / "bad.yaml")], capture_output=True, text=True, timeout=60
+        [tool, "--strict", "-k", KUBERNETES_VERSIONS[-1], str(tmp_path / "bad.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode != 0 and "startupProbes" in result.stdout + result.stderr
 

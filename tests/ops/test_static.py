@@ -12,6 +12,7 @@ import yaml
 
 from mla_components.checkpointing.latest import main as latest_main
 from tests._requirements import require_tool
+from tests.k8s.manifests import k3s_kubernetes_version
 from tests.ops.conftest import OPS_BIN, REPO, TEST_INVENTORY, ops_tool, recap
 
 ANSIBLE = REPO / "ansible"
@@ -126,5 +127,5 @@ def test_k3s_manifests_validate_against_the_kubernetes_schema(tmp_path):
         rendered.append(str(tmp_path / name))
     docs = [yaml.safe_load(Path(p).read_text()) for p in rendered]
     assert docs[0]["handler"] == "nvidia" and docs[1]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
-    proc = run([ops_tool("kubernetes-validate"), "--strict", "-k", "1.31.0", *rendered])
+    proc = run([ops_tool("kubernetes-validate"), "--strict", "-k", k3s_kubernetes_version(), *rendered])
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,5 +1,7 @@
 """The latent KV cache: absorbed cached decoding == uncached expanded forward, and its exact size."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torchtune.generation import generate
@@ -7,6 +9,7 @@ from torchtune.modules.common_utils import local_kv_cache
 
 from mla_components.generation import greedy_generate
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_bytes_per_token
+from mla_components.kv_cache_report import main as kv_cache_report_main
 from mla_components.models import gqa_1b, mla, mla_1b, mla_tiny
 from mla_components.modules import MLAKVCache
 
@@ -124,6 +127,19 @@ def test_1b_cache_bytes_per_token_are_the_documented_numbers():
     # 576 values x 16 layers x 2 bytes vs 2 x 8 KV heads x 64 x 16 layers x 2 bytes
     assert kv_cache_bytes_per_token(mla_1b) == 18_432
     assert kv_cache_bytes_per_token(gqa_1b) == 32_768
+
+
+def test_kv_cache_report_prints_the_readme_table():
+    """``python -m mla_components.kv_cache_report``: the table of the README, rows measured (MHA: 2 x 16 heads x
+    128 x 16 layers x 2 bytes)."""
+    table = kv_cache_report_main([]).splitlines()
+    rows = {line.split()[0]: line.split() for line in table[2:]}
+    assert list(rows) == ["mla_1b", "gqa_1b", "mha_1b"]
+    assert [rows[m][1] for m in rows] == ["18,432", "32,768", "131,072"]
+    assert rows["mha_1b"][-1] == "7.11x" and rows["gqa_1b"][-1] == "1.78x"
+    assert rows["mla_1b"][4:6] == ["2.2", "GiB"]  # at 128k tokens
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert all(line.rstrip() in readme for line in table), "README's KV-cache table is out of date"
 
 
 def test_tiny_builder_has_the_latent_vllm_needs():

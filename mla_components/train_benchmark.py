@@ -5,8 +5,9 @@ tokens/s per GPU, MFU, peak memory per GPU, and scaling efficiency across proces
     python -m mla_components.train_benchmark --models mla_1b --nproc 1 2 4 8 --json scaling.json   # issue 9
 
 Each run trains a fresh initialisation of the shipped ``configs/<model>/sft_distributed.yaml`` (FSDP2, activation
-checkpointing, bf16, fixed per-GPU batch 1 x ``seq`` tokens) on needle data with the byte tokenizer (throughput
-does not depend on which tokenizer produced the ids; the model keeps its 128k vocabulary) and ``train_on_input``
+checkpointing, bf16, fixed per-GPU batch ``--batch`` (default 1) x ``seq`` tokens) on needle data with the byte
+tokenizer (throughput does not depend on which tokenizer produced the ids; the model keeps its 128k vocabulary) and
+``train_on_input``
 (Torchtune's tokens/s counts supervised tokens only; with it, every one of the ``seq`` tokens). Figures are medians
 over the steps after ``--warmup``. MFU counts model FLOPs only (activation recomputation excluded):
 ``6 * matmul params + 3 * layers * heads * (qk_head_dim + v_head_dim) * seq`` per token (causal attention).
@@ -45,10 +46,10 @@ def flops_per_token(model_name: str, seq: int) -> float:
     return 6 * matmul + 3 * len(model.layers) * heads * (qk + v) * seq
 
 
-def run_one(model_name: str, nproc: int, seq: int, steps: int, root: Path, extra: list[str]) -> Path:
+def run_one(model_name: str, nproc: int, seq: int, batch: int, steps: int, root: Path, extra: list[str]) -> Path:
     out = root / f"{model_name}_n{nproc}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the log directory must hold this run's steps only
-    samples = (steps + 2) * nproc
+    samples = (steps + 2) * nproc * batch
     config = REPO / "configs" / model_name / "sft_distributed.yaml"
     # The 1B configs name the user's Llama-3 tokenizer files; the benchmark swaps in the byte tokenizer.
     present = OmegaConf.load(config)
@@ -62,7 +63,7 @@ def run_one(model_name: str, nproc: int, seq: int, steps: int, root: Path, extra
         *drop, "tokenizer._component_=mla_components.data.byte_tokenizer", f"tokenizer.max_seq_len={seq}",
         f"dataset.context_tokens={seq}",
         f"dataset.num_samples={samples}", "dataset.needle_kinds=[passkey]", "dataset.train_on_input=True", "epochs=1",
-        f"max_steps_per_epoch={steps}", "gradient_accumulation_steps=1", "batch_size=1",
+        f"max_steps_per_epoch={steps}", "gradient_accumulation_steps=1", f"batch_size={batch}",
         "metric_logger._component_=torchtune.training.metric_logging.DiskLogger",
         "metric_logger.log_dir=" + str(out / "logs"), "log_peak_memory_stats=True", *extra,
     ]  # fmt: skip
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["mla_1b", "gqa_1b"])
     parser.add_argument("--nproc", nargs="+", type=int, default=[1])
     parser.add_argument("--seq", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per GPU per step")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--root", type=Path, default=Path("outputs/train_benchmark"))
@@ -102,14 +104,16 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for model_name in args.models:
         for nproc in args.nproc:
-            stats = summarize(run_one(model_name, nproc, args.seq, args.steps, args.root, args.overrides), args.warmup)
+            logs = run_one(model_name, nproc, args.seq, args.batch, args.steps, args.root, args.overrides)
+            stats = summarize(logs, args.warmup)
             stats["mfu"] = stats["tokens_per_s_per_gpu"] * flops_per_token(model_name, args.seq) / (peak * 1e12)
-            results.append({"model": model_name, "nproc": nproc, "seq": args.seq, **stats})
+            results.append({"model": model_name, "nproc": nproc, "seq": args.seq, "batch": args.batch, **stats})
     for r in results:
         base = next(b for b in results if b["model"] == r["model"] and b["nproc"] == min(args.nproc))
         r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
     print(
-        f"\n{name}, seq {args.seq}, batch 1/GPU, FSDP2 + activation checkpointing, bf16 ({args.overrides or 'eager'})"
+        f"\n{name}, seq {args.seq}, batch {args.batch}/GPU, FSDP2 + activation checkpointing, bf16 "
+        f"({args.overrides or 'eager'})"
     )
     print("| model | GPUs | tokens/s/GPU | MFU | peak mem/GPU (GiB) | scaling eff. |\n|---|---|---|---|---|---|")
     for r in results:

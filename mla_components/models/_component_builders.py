@@ -12,16 +12,29 @@ from mla_components.models._config import MLAConfig
 from mla_components.modules import DecoupledRotaryEmbedding, MultiHeadLatentAttention, mla_softmax_scale
 
 
+def norm_and_rope_classes(kernel_backend: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    """The RMSNorm and decoupled-RoPE modules for a ``kernel_backend``: the Triton ones (same parameters and
+    numerics, forward and backward kernels, so training uses them too) with ``"triton"``, Torchtune's otherwise.
+    ``"auto"`` selects Triton for cached decode only: the training path switches when it is asked for."""
+    if kernel_backend != "triton":
+        return RMSNorm, DecoupledRotaryEmbedding
+    from mla_kernels.rms_norm import TritonRMSNorm  # imports Triton only for this backend
+    from mla_kernels.rope import TritonDecoupledRotaryEmbedding
+
+    return TritonRMSNorm, TritonDecoupledRotaryEmbedding
+
+
 def mla_attention(config: MLAConfig, pos_embeddings: nn.Module) -> MultiHeadLatentAttention:
     """One MLA block: low-rank (or full) query, ``d -> d_c + d_r`` latent down-projection, RMSNorm on the
     latent, ``d_c -> n_h * (d_n + d_v)`` up-projection and ``n_h * d_v -> d`` output projection, all bias-free."""
     c = config
+    norm, _ = norm_and_rope_classes(c.kernel_backend)
     if c.q_lora_rank is None:
         query = dict(q_proj=nn.Linear(c.embed_dim, c.num_heads * c.qk_head_dim, bias=False))
     else:
         query = dict(
             q_a_proj=nn.Linear(c.embed_dim, c.q_lora_rank, bias=False),
-            q_a_norm=RMSNorm(c.q_lora_rank, eps=c.norm_eps),
+            q_a_norm=norm(c.q_lora_rank, eps=c.norm_eps),
             q_b_proj=nn.Linear(c.q_lora_rank, c.num_heads * c.qk_head_dim, bias=False),
         )
     return MultiHeadLatentAttention(
@@ -32,7 +45,7 @@ def mla_attention(config: MLAConfig, pos_embeddings: nn.Module) -> MultiHeadLate
         v_head_dim=c.v_head_dim,
         kv_lora_rank=c.kv_lora_rank,
         kv_a_proj=nn.Linear(c.embed_dim, c.kv_lora_rank + c.qk_rope_head_dim, bias=False),
-        kv_a_norm=RMSNorm(c.kv_lora_rank, eps=c.norm_eps),
+        kv_a_norm=norm(c.kv_lora_rank, eps=c.norm_eps),
         kv_b_proj=nn.Linear(c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False),
         output_proj=nn.Linear(c.num_heads * c.v_head_dim, c.embed_dim, bias=False),
         pos_embeddings=pos_embeddings,
@@ -50,7 +63,8 @@ def mla(config: MLAConfig) -> TransformerDecoder:
 
     The builder's ``MLAConfig`` is kept on the model as ``model.mla_config`` (for export and cache reports).
     """
-    rope = DecoupledRotaryEmbedding(
+    norm, rotary = norm_and_rope_classes(config.kernel_backend)
+    rope = rotary(
         dim=config.qk_rope_head_dim,
         max_seq_len=config.max_seq_len,
         base=config.rope_base,
@@ -60,8 +74,8 @@ def mla(config: MLAConfig) -> TransformerDecoder:
         TransformerSelfAttentionLayer(
             attn=mla_attention(config, rope),
             mlp=llama3_mlp(dim=config.embed_dim, hidden_dim=config.intermediate_dim),
-            sa_norm=RMSNorm(config.embed_dim, eps=config.norm_eps),
-            mlp_norm=RMSNorm(config.embed_dim, eps=config.norm_eps),
+            sa_norm=norm(config.embed_dim, eps=config.norm_eps),
+            mlp_norm=norm(config.embed_dim, eps=config.norm_eps),
         )
         for _ in range(config.num_layers)
     )
@@ -76,7 +90,7 @@ def mla(config: MLAConfig) -> TransformerDecoder:
         max_seq_len=config.max_seq_len,
         num_heads=config.num_heads,
         head_dim=config.qk_head_dim,
-        norm=RMSNorm(config.embed_dim, eps=config.norm_eps),
+        norm=norm(config.embed_dim, eps=config.norm_eps),
         output=output,
     )
     model.mla_config = config

@@ -66,3 +66,35 @@ def test_mla_tiny_greedy_generation_same_tokens_with_torch_and_triton(device, mo
     assert len(calls) == 5 * layers, "every decode step of every layer goes through the kernel (prefill does not)"
     assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numerics(device):
+    """``kernel_backend="triton"`` builds every RMSNorm and the decoupled RoPE from the Triton kernels; one training
+    step (forward, loss, backward) gives the torch backend's loss and gradients, from the same state dict."""
+    from mla_kernels.rms_norm import TritonRMSNorm
+    from mla_kernels.rope import TritonDecoupledRotaryEmbedding
+
+    from mla_components.models import mla
+    from tests.model.conftest import YARN, randomize_, small_config
+
+    if not backend.triton_available():
+        unavailable('triton is not installed (pip install -e ".[triton]"; the interpreter runs it on CPU)')
+    reference = randomize_(mla(small_config(kernel_backend="torch", rope_scaling=YARN)), seed=5).to(device)
+    triton_model = mla(small_config(kernel_backend="triton", rope_scaling=YARN)).to(device)
+    triton_model.load_state_dict(reference.state_dict())
+    norms = [m for m in triton_model.modules() if isinstance(m, TritonRMSNorm)]
+    assert len(norms) == 2 * 2 + 2 * 2 + 1  # per layer: sa/mlp norm, q_a/kv_a norm; the final norm
+    assert isinstance(triton_model.layers[0].attn.pos_embeddings, TritonDecoupledRotaryEmbedding)
+
+    tokens = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(0)).to(device)
+    losses, grads = [], []
+    for model in (reference, triton_model):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

@@ -159,6 +159,30 @@ def test_quantised_export_is_torchao_and_close_per_row(init_dir, tmp_path, quant
             assert torch.equal(dequantised[key], weight.to(torch.bfloat16)), key
 
 
+def test_passkey_eval_runs_the_int8_export_beside_the_float_one(init_dir, tmp_path):
+    """The quantisation's quality cost on the passkey eval: the checkpointer loads a quantised export dequantised
+    (the function a weight-only quantised matmul computes), so compare mode puts it beside the unquantised export."""
+    from mla_components.checkpointing import AtomicHFCheckpointer
+    from mla_components.evaluation.passkey import evaluate_checkpoints
+
+    exports = {
+        "fp32": export_checkpoint(init_dir, tmp_path / "fp32", dtype="float32"),
+        "int8": export_checkpoint(init_dir, tmp_path / "int8", dtype="float32", quantize="int8_weight_only"),
+    }
+    loaded = AtomicHFCheckpointer(str(exports["int8"]), str(tmp_path / "unused")).load_checkpoint()["model"]
+    _, dequantised = load_exported_checkpoint(exports["int8"])
+    _, original = load_hf_checkpoint(init_dir)
+    assert all(torch.equal(loaded[k], dequantised[k]) for k in original)
+    assert not torch.equal(loaded["layers.0.mlp.w1.weight"], original["layers.0.mlp.w1.weight"])  # int8 values
+
+    grid = dict(context_lengths=[400], depths=[0.5], trials_per_cell=2, progress=False)
+    paths = evaluate_checkpoints(exports, tmp_path / "eval", **grid)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["fp32", "int8"]
+    assert [m["checkpoint"] for m in results["models"]] == [str(exports["fp32"]), str(exports["int8"])]
+    assert "int8" in paths["summary"].read_text()
+
+
 def test_tied_embeddings_are_written_as_lm_head(init_dir, tmp_path):
     config, state = load_hf_checkpoint(init_dir)
     state["tok_embeddings.weight"] = state.pop("output.weight")

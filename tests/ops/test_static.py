@@ -2,6 +2,7 @@
 K3s manifests against the Kubernetes schema, and the launcher's and resume helper's behaviour on bad input."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,32 @@ def test_entry_point_runs_every_role_on_the_example_inventory():
         assert f"{role} : " in proc.stdout, f"no task of role {role} in:\n{proc.stdout}"
 
 
+# What check mode must report on this bare machine: tasks that would change it, and tasks a guard skips because
+# check mode cannot know an earlier task's outcome (the K3s install needs the script it would have downloaded).
+CHECK_MODE_CHANGED = {
+    "gpu_base": {"Add the apt source of nvidia-container-toolkit"},
+    "k3s": set(),
+    "monitoring": {"Install the node exporter", "Install the DCGM exporter unit"},
+}
+CHECK_MODE_SKIPPED = {
+    "gpu_base": set(),
+    "k3s": {"Download the K3s install script", "Install or upgrade the K3s server"},
+    "monitoring": {"Run the node exporter", "Run the DCGM exporter"},  # the packages/units do not exist yet
+}
+
+
+def task_results(output: str) -> dict[str, set[str]]:
+    """``{task name: {"ok", "changed", "skipping", ...}}`` from ansible-playbook's default output."""
+    results: dict[str, set[str]] = {}
+    task = None
+    for line in output.splitlines():
+        if match := re.match(r"TASK \[(?:[\w-]+ : )?(.+?)\] \*", line):
+            task = match.group(1)
+        elif task and (match := re.match(r"(ok|changed|skipping|failed|fatal): \[", line)):
+            results.setdefault(task, set()).add(match.group(1))
+    return results
+
+
 @pytest.mark.parametrize("role", sorted(CHECK_MODE_ROLES))
 def test_check_mode_of_roles_that_cannot_run_here(role):
     """The driver, Docker/toolkit, K3s and exporter roles need GPUs, systemd and the internet: run them in check
@@ -68,6 +95,11 @@ def test_check_mode_of_roles_that_cannot_run_here(role):
     assert proc.returncode == 0 and counts["failed"] == 0, proc.stdout[-5000:] + proc.stderr
     assert counts["ok"] > 0
     assert {path: os.path.exists(path) for path in before} == before
+    results = task_results(proc.stdout)
+    changed = {task for task, statuses in results.items() if "changed" in statuses}
+    assert CHECK_MODE_CHANGED[role] <= changed, (changed, proc.stdout[-3000:])
+    for task in CHECK_MODE_SKIPPED[role]:
+        assert results.get(task) == {"skipping"}, (task, results.get(task))
 
 
 def test_shellcheck_is_clean_on_the_slurm_templates():

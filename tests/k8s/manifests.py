@@ -99,13 +99,30 @@ def vllm_metric_names(objs: list[dict[str, Any]]) -> set[str]:
     return names
 
 
+def discovery_labels(job: str, pod: str) -> dict[str, str]:
+    """The ``__meta_kubernetes_*`` labels Kubernetes service discovery would give ``job``'s target (a pod of the
+    Deployment / the DCGM exporter's endpoints), so the shipped relabel rules run on them unchanged."""
+    if job == "vllm":
+        return {
+            "__meta_kubernetes_namespace": NAMESPACE,
+            "__meta_kubernetes_pod_name": pod,
+            "__meta_kubernetes_service_label_app_kubernetes_io_name": "vllm",
+            "__meta_kubernetes_endpoint_port_name": "http",
+        }
+    return {
+        "__meta_kubernetes_service_label_app_kubernetes_io_name": "dcgm-exporter",
+        "__meta_kubernetes_endpoint_port_name": "metrics",
+        "__meta_kubernetes_pod_node_name": "gpu-node-0",
+    }
+
+
 def localhost_scrape_config(objs: list[dict[str, Any]], targets: dict[str, str], pod: str) -> dict[str, Any]:
     """The shipped ``prometheus.yml`` with Kubernetes service discovery swapped for static targets.
 
-    ``targets`` maps job name -> ``host:port``; jobs without a target (DCGM: no GPU here) are dropped. The static
-    target carries the ``namespace``/``pod`` labels the relabelling would have set; relabel rules reading
-    ``__meta_kubernetes_*`` (which static targets lack) are dropped; metrics path, intervals and metric relabelling
-    are kept as shipped.
+    ``targets`` maps job name -> ``host:port``; jobs without a target (DCGM: no GPU here) are dropped. Each static
+    target carries the discovery labels Kubernetes would have attached (:func:`discovery_labels`), so the shipped
+    ``relabel_configs`` (keep rules, the ``namespace``/``pod`` labels the HPA query needs), metrics path, intervals
+    and metric relabelling all run exactly as shipped.
     """
     config = copy.deepcopy(yaml.safe_load(configmap_file(objs, "prometheus-config", "prometheus.yml")))
     jobs = []
@@ -115,12 +132,7 @@ def localhost_scrape_config(objs: list[dict[str, Any]], targets: dict[str, str],
         assert "kubernetes_sd_configs" in job, job["job_name"]
         del job["kubernetes_sd_configs"]
         job["static_configs"] = [
-            {"targets": [targets[job["job_name"]]], "labels": {"namespace": NAMESPACE, "pod": pod}}
-        ]
-        job["relabel_configs"] = [
-            rule
-            for rule in job.get("relabel_configs", [])
-            if not any(s.startswith("__meta_kubernetes") for s in rule.get("source_labels", []))
+            {"targets": [targets[job["job_name"]]], "labels": discovery_labels(job["job_name"], pod)}
         ]
         jobs.append(job)
     config["scrape_configs"] = jobs

@@ -5,6 +5,7 @@ import json
 import math
 import re
 import subprocess
+import threading
 import time
 import urllib.parse
 
@@ -104,7 +105,7 @@ def test_prometheus_scrape_feeds_the_hpa_query(server, prometheus, manifests):
     assert math.isfinite(float(result[0]["value"][1]))
 
 
-def test_prometheus_answers_every_dashboard_query(server, prometheus, manifests):
+def test_prometheus_answers_every_dashboard_query(server, prometheus, manifests, model_name):
     """Every vLLM panel query returns series; the DCGM panels can't on a machine without a GPU (listed)."""
     queries = dashboard_queries(manifests)
     gpu_only = [q for q in queries if "DCGM_" in q]
@@ -113,8 +114,28 @@ def test_prometheus_answers_every_dashboard_query(server, prometheus, manifests)
     # the same load that the previous test sent is counted in the scraped series
     served = _wait_for_series(prometheus, 'sum(vllm:request_success_total{namespace="infinitecontext"}) >= 200')
     assert served, "Prometheus never saw the load test's 200 requests"
+    latency_queries = []
     for query in vllm_queries:
         concrete = query.replace("$namespace", "infinitecontext").replace("$__rate_interval", "2m")
         assert _wait_for_series(prometheus, concrete), f"no series for dashboard query {concrete}"
-        if "histogram_quantile" in query:  # a NaN series until requests are observed; `> 0` drops NaN
-            assert _wait_for_series(prometheus, f"({concrete}) > 0"), f"no positive latency from {concrete}"
+        if "histogram_quantile" in query:
+            latency_queries.append(concrete)
+    assert len(latency_queries) >= 3  # TTFT, inter-token latency, end-to-end latency
+    # Latency panels are rates: NaN unless requests arrive while Prometheus scrapes (the load test above may
+    # finish between two scrapes). Send a trickle across several scrape intervals, then every panel shows a value.
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.is_set():
+            body = {"model": model_name, "prompt": "The pass key is", "max_tokens": 4, "temperature": 0}
+            http_json(f"{server}/v1/completions", body)
+            stop.wait(2)
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        for concrete in latency_queries:  # `> 0` drops NaN
+            assert _wait_for_series(prometheus, f"({concrete}) > 0", timeout=90), f"no latency from {concrete}"
+    finally:
+        stop.set()
+        sender.join(timeout=30)

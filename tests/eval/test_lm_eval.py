@@ -97,3 +97,58 @@ def test_mla_passkey_runs_through_eleuther_eval_offline(tiny_checkpoint, tmp_pat
     assert 0.0 <= float(row.group(1)) <= 1.0
     row = re.search(r"\|local_mc\s*\|\s*1\|none\s*\|[^|]*\|acc\s*\|[^|]*\|\s*([\d.]+)\|", output)
     assert row and float(row.group(1)) in (0.0, 0.5, 1.0), output[-3000:]  # 2 documents
+
+
+# Replies of a model whose answers are known, and the score the passkey recipe's rule gives each.
+KNOWN_REPLIES = [
+    ("{answer}", 1.0),  # the value alone
+    (" The pass key is {answer}.", 1.0),  # wrapped in a sentence: the first digit run counts
+    ("{wrong}", 0.0),  # one digit off
+    ("{answer}0", 0.0),  # an extra digit
+    ("no idea", 0.0),  # no digits at all
+]
+
+
+def test_mla_passkey_scoring_through_the_real_harness():
+    """The task's own filters and metric (regex first digit run + exact_match), run by lm-eval's evaluator on a
+    model whose replies are known: every document scores exactly what the passkey recipe's rule gives."""
+    from mla_components.evaluation.eleuther_eval import TASKS_DIR, _alias_transformers_v5
+
+    _alias_transformers_v5()  # lm-eval <= 0.4.8 reads a name transformers 5 renamed
+    from lm_eval import simple_evaluate
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+
+    docs = lm_eval_documents([512, 1024], [0.0, 0.25, 0.5, 0.75, 1.0], 4)  # the task's dataset_kwargs
+    index = {d["prompt"]: i for i, d in enumerate(docs)}
+
+    class KnownReplies(LM):
+        def generate_until(self, requests):
+            out = []
+            for request in requests:
+                i = index[request.args[0]]
+                answer = docs[i]["answer"]
+                wrong = answer[:-1] + str((int(answer[-1]) + 1) % 10)
+                out.append(KNOWN_REPLIES[i % len(KNOWN_REPLIES)][0].format(answer=answer, wrong=wrong))
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+    limit = 2 * len(KNOWN_REPLIES)
+    results = simple_evaluate(
+        model=KnownReplies(),
+        tasks=["mla_passkey"],
+        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        limit=limit,
+        log_samples=True,
+    )
+    samples = results["samples"]["mla_passkey"]
+    assert len(samples) == limit
+    for sample in samples:
+        assert sample["exact_match"] == KNOWN_REPLIES[sample["doc_id"] % len(KNOWN_REPLIES)][1], sample
+    expected = sum(KNOWN_REPLIES[i % len(KNOWN_REPLIES)][1] for i in range(limit)) / limit
+    assert results["results"]["mla_passkey"]["exact_match,first_digits"] == pytest.approx(expected)

@@ -109,6 +109,8 @@ def discovery_labels(job: str, pod: str) -> dict[str, str]:
             "__meta_kubernetes_service_label_app_kubernetes_io_name": "vllm",
             "__meta_kubernetes_endpoint_port_name": "http",
         }
+    if job.startswith("host-"):  # node discovery: the kubelet's address, swapped for the exporter's port
+        return {"__meta_kubernetes_node_name": "gpu-node-0"}
     return {
         "__meta_kubernetes_service_label_app_kubernetes_io_name": "dcgm-exporter",
         "__meta_kubernetes_endpoint_port_name": "metrics",

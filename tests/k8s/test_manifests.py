@@ -110,8 +110,9 @@ def test_shipped_scrape_config_loads_in_prometheus(tmp_path):
     promtool = require_tool("promtool", "apt-get install prometheus")
     objs = objects("k3s")
     shipped = yaml.safe_load(configmap_file(objs, "prometheus-config", "prometheus.yml"))
-    assert {job["job_name"] for job in shipped["scrape_configs"]} == {"vllm", "dcgm-exporter"}
-    config = localhost_scrape_config(objs, {"vllm": "127.0.0.1:8000", "dcgm-exporter": "127.0.0.1:9400"}, "vllm-0")
+    jobs = {job["job_name"] for job in shipped["scrape_configs"]}
+    assert jobs == {"vllm", "dcgm-exporter", "host-node-exporter", "host-dcgm-exporter"}
+    config = localhost_scrape_config(objs, dict.fromkeys(jobs, "127.0.0.1:8000"), "vllm-0")
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     result = subprocess.run(
         [promtool, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60

@@ -160,13 +160,18 @@ def vllm_server(fp32_export, serving_dir, manifests):
         stop(process)
 
 
+HOST_NODE_KUBELET = "127.0.0.1:10250"  # what Kubernetes node discovery gives as a node's __address__
+
+
 @pytest.fixture(scope="module")
 def prometheus(vllm_server, serving_dir, manifests):
-    """A real Prometheus (Debian package) scraping the vLLM server with the shipped scrape configuration."""
+    """A real Prometheus (Debian package) scraping the vLLM server with the shipped scrape configuration; the host
+    exporter jobs get a node's kubelet address (``HOST_NODE_KUBELET``), which their relabelling must rewrite."""
     binary = require_tool("prometheus", "apt-get install prometheus")
     target = vllm_server.removeprefix("http://")
     config = serving_dir / "prometheus.yml"
-    config.write_text(yaml.safe_dump(localhost_scrape_config(manifests, {"vllm": target}, POD)))
+    targets = {"vllm": target, "host-node-exporter": HOST_NODE_KUBELET, "host-dcgm-exporter": HOST_NODE_KUBELET}
+    config.write_text(yaml.safe_dump(localhost_scrape_config(manifests, targets, POD)))
     port = free_port()
     data = serving_dir / "prometheus-data"
     shutil.rmtree(data, ignore_errors=True)

@@ -139,3 +139,18 @@ def test_prometheus_answers_every_dashboard_query(server, prometheus, manifests,
     finally:
         stop.set()
         sender.join(timeout=30)
+
+
+def test_host_exporter_jobs_scrape_the_ports_ansible_installs(prometheus):
+    """Node discovery yields the kubelet address; the shipped relabelling points the host jobs at the node exporter
+    (:9100) and DCGM exporter (:9400) that ansible/ runs on each GPU host, labelled with the node's name."""
+    deadline = time.monotonic() + 60
+    while True:
+        active = http_json(f"{prometheus}/api/v1/targets")["data"]["activeTargets"]
+        host = {t["labels"]["job"]: t for t in active if t["labels"]["job"].startswith("host-")}
+        if len(host) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert host["host-node-exporter"]["scrapeUrl"] == "http://127.0.0.1:9100/metrics"
+    assert host["host-dcgm-exporter"]["scrapeUrl"] == "http://127.0.0.1:9400/metrics"
+    assert {t["labels"]["node"] for t in host.values()} == {"gpu-node-0"}

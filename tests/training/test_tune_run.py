@@ -6,6 +6,7 @@ final epoch is a registered MLflow model version, DPO starts from it, and a SIGK
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -142,3 +143,33 @@ def test_sigkilled_run_resumes_with_the_same_losses_and_weights(sft_run):
     _, expected = load_hf_checkpoint(sft_run / "sft" / "epoch_2")
     for key, value in expected.items():
         torch.testing.assert_close(final[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_single_device_sft_config_trains_and_checkpoints(tmp_path):
+    """``configs/mla_tiny/sft_single_device.yaml`` with Torchtune's ``full_finetune_single_device``."""
+    tune_run(
+        "full_finetune_single_device",
+        "mla_tiny/sft_single_device.yaml",
+        f"output_dir={tmp_path / 'sft'}",
+        f"checkpointer.checkpoint_dir={tmp_path / 'init'}",
+        "epochs=1",
+        f"max_steps_per_epoch={STEPS}",
+        "batch_size=4",
+        "dataset.num_samples=16",
+        *DISK_ONLY,
+        f"metric_logger.log_dir={tmp_path / 'sft' / 'logs'}",
+    )
+    losses = [r["loss"] for r in logged_metrics(tmp_path / "sft" / "logs") if "loss" in r]
+    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
+    assert [n for n, _ in epoch_dirs(tmp_path / "sft", resumable=False)] == [0]
+    load_hf_checkpoint(tmp_path / "sft" / "epoch_0")
+
+
+def test_generation_config_decodes_from_a_trained_checkpoint(sft_run):
+    """``configs/mla_tiny/generation.yaml`` with Torchtune's ``generate`` recipe: cached decode over the latent
+    cache from the last SFT epoch."""
+    last = epoch_dirs(sft_run / "sft", resumable=False)[-1][1]
+    proc = tune_run("generate", "mla_tiny/generation.yaml", f"checkpointer.checkpoint_dir={last}", "max_new_tokens=8")
+    output = proc.stdout + proc.stderr
+    assert "The pass key is 41592" in output  # the prompt, echoed with the generation
+    assert re.search(r"Time for inference: [0-9.]+ sec total, [0-9.]+ tokens/sec", output), output[-2000:]

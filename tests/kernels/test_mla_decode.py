@@ -58,19 +58,39 @@ def test_128_heads_and_widths_that_are_not_powers_of_two(poisoned, device):
     check(got, mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.2), atol=2e-5)
 
 
-@pytest.mark.parametrize("page_size", [16, 8])
-def test_paged_cache_with_permuted_block_table(poisoned, device, page_size):
-    gen = torch.Generator().manual_seed(2)
-    lens = torch.tensor([5, 40, 31], dtype=torch.int32, device=device)
+def _paged_inputs(device, page_size, heads, rows=3, seed=2):
+    """``rows`` sequences over a shuffled page pool with spare pages that no sequence owns."""
+    gen = torch.Generator().manual_seed(seed)
     max_blocks = 48 // page_size
-    num_blocks = 3 * max_blocks + 2  # spare pages that no sequence owns
-    q_latent, q_pe, _, _ = make_inputs(3, 5, 32, 16, 1, 1, device, seed=3)
+    num_blocks = rows * max_blocks + 2
+    q_latent, q_pe, _, _ = make_inputs(rows, heads, 32, 16, 1, 1, device, seed=seed + 1)
     pages = torch.randn(num_blocks, page_size, 48, generator=gen).to(device)
-    block_table = torch.randperm(num_blocks, generator=gen)[: 3 * max_blocks].view(3, max_blocks)
-    block_table = block_table.to(device=device, dtype=torch.int32)
-    c_kv, k_pe = pages[..., :32], pages[..., 32:]
-    got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table, num_splits=2, config=SMALL)
+    block_table = torch.randperm(num_blocks, generator=gen)[: rows * max_blocks].view(rows, max_blocks)
+    return q_latent, q_pe, pages[..., :32], pages[..., 32:], block_table.to(device=device, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("page_size", [16, 8])
+@pytest.mark.parametrize("heads", [1, 5, 16])
+@pytest.mark.parametrize("splits", [1, 2, None], ids=["one_split", "two_splits", "auto_splits"])
+def test_paged_cache_with_permuted_block_table(poisoned, device, page_size, heads, splits):
+    lens = torch.tensor([5, 40, 31], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe, block_table = _paged_inputs(device, page_size, heads)
+    got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table, num_splits=splits, config=SMALL)
     want = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table)
+    check(got, want, atol=2e-5)
+
+
+def test_paged_cache_with_a_key_mask(poisoned, device):
+    """Paged pages and a per-row key mask together (left padding), 128 heads."""
+    lens = torch.tensor([40, 33], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe, block_table = _paged_inputs(device, 16, 128, rows=2, seed=7)
+    mask = torch.ones(2, 1, 48, dtype=torch.bool)
+    mask[1, :, :9] = False
+    mask = mask.to(device)
+    got = mla_decode(
+        q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table, key_mask=mask, num_splits=2, config=SMALL
+    )
+    want = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=block_table, key_mask=mask)
     check(got, want, atol=2e-5)
 
 

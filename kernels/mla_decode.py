@@ -327,7 +327,8 @@ def _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask) -
     dtypes = {t.dtype for t in (q_latent, q_pe, c_kv, k_pe)}
     if len(dtypes) != 1 or q_latent.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q_latent, q_pe, c_kv, k_pe must share one of fp16/bf16/fp32, got {sorted(map(str, dtypes))}")
-    devices = {t.device for t in (q_latent, q_pe, c_kv, k_pe, seq_lens)}
+    optional = [t for t in (block_table, key_mask) if t is not None]
+    devices = {t.device for t in (q_latent, q_pe, c_kv, k_pe, seq_lens, *optional)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
     for name, t in dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe).items():
@@ -379,7 +380,9 @@ def mla_decode(
         q_pe: rotated rope queries ``[R, H, d_r]``.
         c_kv: latent cache ``[B, T, d_c]``, or ``[num_blocks, page_size, d_c]`` with ``block_table``.
         k_pe: rope-key cache, same leading dims as ``c_kv`` (both may be views of one ``[.., d_c + d_r]`` buffer).
-        seq_lens: int ``[R]``: row r attends to tokens ``0 .. seq_lens[r]-1`` of sequence ``r // (R / B)``.
+        seq_lens: int ``[R]``: row r attends to tokens ``0 .. seq_lens[r]-1`` of sequence ``r // (R / B)``. Not
+            checked against the cache's capacity (that would need a device sync, which CUDA graphs forbid): a
+            length past it reads out of bounds.
         softmax_scale: the pre-absorption scale ``(d_n + d_r)**-0.5`` (times YaRN's mscale**2).
         block_table: int32 ``[B, max_blocks]`` of page ids (paged cache); None for a contiguous cache.
         key_mask: optional bool ``[R, T]`` or ``[B, R/B, T]``; False drops a key (combined with ``seq_lens``).

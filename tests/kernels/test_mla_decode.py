@@ -179,3 +179,14 @@ def test_bf16_real_shapes_on_gpu(heads, paged):
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-3)
     cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref_out.flatten(), dim=0)
     assert cos > 0.99999
+
+
+def test_block_table_and_key_mask_must_be_on_the_inputs_device(device):
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 4, 32, 16, 2, 16, device)
+    lens = torch.tensor([3, 4], dtype=torch.int32, device=device)
+    other = torch.device("meta")  # a device no input is on
+    with pytest.raises(ValueError, match="one device"):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, key_mask=torch.ones(2, 16, dtype=torch.bool, device=other))
+    with pytest.raises(ValueError, match="one device"):
+        table = torch.zeros(2, 1, dtype=torch.int32, device=other)
+        mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=table)

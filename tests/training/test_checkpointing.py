@@ -1,7 +1,9 @@
 """HF-directory checkpoints: transformers loads what we write, bad files are refused by name, writes are atomic."""
 
+import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,7 @@ from mla_components.checkpointing import (
     load_hf_checkpoint,
     write_hf_checkpoint,
 )
+from mla_components.cli import main as mla_tune
 from mla_components.models import gqa_tiny, mla, mla_tiny
 from tests.model.conftest import randomize_, small_config
 
@@ -57,6 +60,9 @@ def test_corrupted_weights_are_refused_by_file_name(tmp_path):
     write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config())
     weights = tmp_path / "c" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match="corrupted checkpoint file .*model.safetensors: it has .* bytes"):
+        load_hf_checkpoint(tmp_path / "c")  # by the manifest
+    (tmp_path / "c" / "checkpoint_manifest.json").unlink()  # a directory of another tool: its header is checked
     with pytest.raises(ValueError, match="corrupted safetensors file .*model.safetensors"):
         load_hf_checkpoint(tmp_path / "c")
 
@@ -64,6 +70,7 @@ def test_corrupted_weights_are_refused_by_file_name(tmp_path):
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     model = mla(small_config())
     write_hf_checkpoint(tmp_path / "k", model.state_dict(), model.mla_config.to_hf_config())
+    (tmp_path / "k" / "checkpoint_manifest.json").unlink()  # the weights are edited below
     weights = tmp_path / "k" / "model.safetensors"
     state = load_file(weights)
     del state["model.layers.1.self_attn.kv_b_proj.weight"]
@@ -188,3 +195,55 @@ def test_a_kill_between_the_two_renames_of_an_overwrite_is_undone(tmp_path):
     assert latest_resumable_epoch(out) == out / "epoch_1"
     _, state = load_hf_checkpoint(out / "epoch_1")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_flipped_bytes_are_refused_by_name_on_load_resume_and_validate(tmp_path, capsys):
+    """safetensors has no checksum: a flipped bit in weight data loads silently. The manifest (sizes and SHA-256,
+    written last) refuses it by file name on load, on resume and in ``mla-tune validate --checkpoint``."""
+    model = randomize_(mla(small_config()))
+    config = model.mla_config.to_hf_config()
+    epoch = write_hf_checkpoint(tmp_path / "run" / "epoch_0", model.state_dict(), config, extra={"recipe_state": {}})
+    manifest = json.loads((epoch / "checkpoint_manifest.json").read_text())["files"]
+    assert set(manifest) == {p.name for p in epoch.iterdir()} - {"checkpoint_manifest.json"}
+    mla_tune(["validate", "--checkpoint", str(epoch)])
+    assert f"checkpoint OK: 3 files match {epoch / 'checkpoint_manifest.json'}" in capsys.readouterr().out
+
+    weights = epoch / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # inside the last tensor's data
+    weights.write_bytes(bytes(data))
+    load_file(weights)  # the file itself still reads
+    refused = rf"refusing corrupted checkpoint file {epoch / 'model.safetensors'}: it does not match its SHA-256"
+    with pytest.raises(ValueError, match=refused):
+        load_hf_checkpoint(epoch)
+    with pytest.raises(SystemExit, match=refused):
+        mla_tune(["validate", "--checkpoint", str(epoch)])
+    base = write_hf_checkpoint(tmp_path / "base", model.state_dict(), config)
+    resume = AtomicHFCheckpointer(str(base), str(tmp_path / "run"), should_load_recipe_state=True)
+    with pytest.raises(ValueError, match=refused):
+        resume.load_checkpoint()
+
+
+def test_checkpoint_files_are_world_readable_whatever_the_umask(tmp_path):
+    """A serving container running as another user (uid 10001 in k8s/) must read every file."""
+    model = mla(small_config())
+    umask = os.umask(0o077)
+    try:
+        write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config(), extra={"x": {}})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "c").iterdir()} == dict.fromkeys(
+        ["config.json", "model.safetensors", "x.pt", "checkpoint_manifest.json"], 0o644
+    )
+
+
+def test_mla_weights_under_a_llama_config_are_refused_naming_config_json(tmp_path):
+    model = mla(small_config())
+    directory = write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config())
+    (directory / "checkpoint_manifest.json").unlink()
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=rf"{directory}: config.json has model_type 'llama' but the weights"):
+        load_hf_checkpoint(directory)
+

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from mla_components.checkpointing import (
     load_hf_checkpoint,
     write_hf_checkpoint,
 )
+from mla_components.checkpointing._lock import LOCK_NAME, OutputDirLockedError
 from mla_components.cli import main as mla_tune
 from mla_components.models import gqa_tiny, mla, mla_tiny
 from tests.model.conftest import randomize_, small_config
@@ -191,7 +193,7 @@ def test_a_kill_between_the_two_renames_of_an_overwrite_is_undone(tmp_path):
     base = tmp_path / "base"
     write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
     AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["epoch_0", "epoch_1"]  # restored; the superseded copy deleted
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "epoch_0", "epoch_1"]  # restored; the old copy deleted
     assert latest_resumable_epoch(out) == out / "epoch_1"
     _, state = load_hf_checkpoint(out / "epoch_1")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -247,3 +249,42 @@ def test_mla_weights_under_a_llama_config_are_refused_naming_config_json(tmp_pat
     with pytest.raises(ValueError, match=rf"{directory}: config.json has model_type 'llama' but the weights"):
         load_hf_checkpoint(directory)
 
+
+_HOLD_OUTPUT_DIR = textwrap.dedent(
+    """
+    import sys, time
+    from mla_components.checkpointing import AtomicHFCheckpointer
+
+    AtomicHFCheckpointer(checkpoint_dir=sys.argv[1], output_dir=sys.argv[2])
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_one_writer_per_output_dir_and_stale_locks_are_taken_over(tmp_path):
+    """While a run holds its output_dir, a second run or a resume is refused naming the holder, and touches
+    nothing (not even the run's in-flight temporary directory); once the holder is gone its lock is stale."""
+    model = mla(small_config())
+    config = model.mla_config.to_hf_config()
+    base = write_hf_checkpoint(tmp_path / "base", model.state_dict(), config)
+    out = tmp_path / "run"
+    write_hf_checkpoint(out / "epoch_0", model.state_dict(), config, extra={"recipe_state": {}})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OUTPUT_DIR, str(base), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        (out / ".epoch_1.tmp-0123abcd").mkdir()  # the live run's save in progress
+        busy = rf"output_dir {out} is in use by pid {holder.pid} on host {socket.gethostname()} .*lock file"
+        for resume in (False, True):
+            with pytest.raises(OutputDirLockedError, match=busy):
+                AtomicHFCheckpointer(str(base), str(out), should_load_recipe_state=resume)
+        assert (out / ".epoch_1.tmp-0123abcd").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = AtomicHFCheckpointer(str(base), str(out), should_load_recipe_state=True)
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (out / ".epoch_1.tmp-0123abcd").exists()  # swept once the run is known to be gone
+    assert resumed.load_checkpoint() is not None

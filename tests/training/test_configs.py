@@ -199,3 +199,24 @@ def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path):
         f"mla-tune: {bad}, line 3, column 14: YAML syntax error: mapping values are not allowed in this context"
     ]
 
+
+def test_a_second_run_on_a_live_output_dir_is_refused(tmp_path):
+    """``tune run`` into the output_dir of a live run (here: a process holding it as a run does) stops before
+    touching it, naming the process and the lock file."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mla_components.checkpointing._lock import lock_output_dir; "
+         "lock_output_dir(sys.argv[1]); print('holding', flush=True); time.sleep(600)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        out = _run_bad(
+            f"output_dir={tmp_path / 'run'}",
+            f"checkpointer.checkpoint_dir={tmp_path / 'init'}",
+            "resume_from_checkpoint=True",
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"output_dir {tmp_path / 'run'} is in use by pid {holder.pid}" in out, out[-3000:]

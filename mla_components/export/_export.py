@@ -50,7 +50,9 @@ def check_output(src: Path, dst: Path, *, overwrite: bool = False) -> None:
         raise ExportError(
             f"--output {dst} contains --checkpoint {src} and would replace it: choose a new directory for the export"
         )
-    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+    if dst.is_symlink():
+        raise ExportError(f"--output {dst} is a symbolic link: give the directory it points to ({where})")
+    if dst.exists() and not dst.is_dir():
         raise ExportError(f"--output {dst} exists and is not a directory: choose an absent or empty directory")
     if not dst.is_dir() or not any(dst.iterdir()):
         return

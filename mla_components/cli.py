@@ -7,6 +7,7 @@ that line is the single source of truth for the listing.
     mla-tune ls                                          # recipes and their configs
     mla-tune cp mla_tiny/sft_distributed my_sft.yaml      # copy a config to edit
     mla-tune validate --config mla_tiny/sft_distributed dataset.context_tokens=4096   # checks in seconds
+    mla-tune validate --checkpoint outputs/mla_tiny/sft/epoch_2   # every file against its manifest
     mla-tune run --nproc_per_node 2 full_finetune_distributed --config mla_tiny/sft_distributed epochs=1
 """
 
@@ -96,16 +97,51 @@ def tune_run_argv(args: list[str]) -> list[str]:
     return ["run", *args]
 
 
+def _validate_checkpoint(directory: Path) -> None:
+    """Check every file of a checkpoint directory against its manifest (sizes, SHA-256); exit 1 naming the file."""
+    from mla_components.checkpointing import read_config, verify_manifest
+    from mla_components.checkpointing._hf_format import MANIFEST_NAME
+
+    try:
+        read_config(directory)
+        checked = verify_manifest(directory)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"mla-tune: {e}") from None
+    if checked is None:
+        raise SystemExit(
+            f"mla-tune: {directory} has no {MANIFEST_NAME} (written by another tool or an older version): its files "
+            "cannot be verified"
+        )
+    print(f"checkpoint OK: {checked} files match {directory / MANIFEST_NAME}")
+
+
 def _validate(args: list[str]) -> None:
-    """``[recipe] --config <name or path> [key=value ...]``: run the preflight checks, exit 1 naming the field."""
+    """``[--checkpoint DIR] [recipe] --config <name or path> [key=value ...]``: verify a checkpoint directory and/or
+    run the preflight checks of a config; exit 1 naming the file and the field."""
+    import yaml
+
     from mla_components.preflight import PreflightError, load_config, preflight
 
+    if "--checkpoint" in args:
+        at = args.index("--checkpoint")
+        if at + 1 == len(args):
+            raise SystemExit("mla-tune validate: --checkpoint needs a directory")
+        _validate_checkpoint(Path(args[at + 1]))
+        args = args[:at] + args[at + 2 :]
+        if "--config" not in args:
+            return
     at = args.index("--config")
     overrides = [a for a in args[at + 2 :] if "=" in a or a.startswith("~")]
+    path = resolve_config(args[at + 1])
     try:
-        preflight(load_config(resolve_config(args[at + 1]), overrides))
+        preflight(load_config(path, overrides))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).replace("\n", " ")
+        raise SystemExit(f"mla-tune: {where}: YAML syntax error: {problem}") from None
     except PreflightError as e:
-        raise SystemExit(f"mla-tune: {e}") from None
+        raise SystemExit(f"mla-tune: {path}: {e}") from None
     print("config OK")
 
 
@@ -131,8 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("run", help="validate, then tune run with project names resolved", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["run"], ["validate"]):
-        if "--config" not in argv:
-            raise SystemExit(f"mla-tune {argv[0]}: --config <name or path> is required")
+        if "--config" not in argv and not (argv[0] == "validate" and "--checkpoint" in argv):
+            raise SystemExit(
+                f"mla-tune {argv[0]}: --config <name or path> (or, to validate, --checkpoint DIR) is required"
+            )
         return _run(argv[1:]) if argv[0] == "run" else _validate(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "ls":

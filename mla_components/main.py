@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     _step(4, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
     from mla_components.export import export_checkpoint
 
-    exported = export_checkpoint(dpo, out / "export", dtype="float32")
-    print(f"      python -m mla_components.export --checkpoint {dpo} --output {exported} --dtype float32")
+    exported = export_checkpoint(dpo, out / "export", dtype="float32", overwrite=True)
+    print(f"      python -m mla_components.export --checkpoint {dpo} --output {exported} --dtype float32 --overwrite")
     print(f"      serve it: python -m vllm.entrypoints.openai.api_server --model {exported}  (docs/serving.md)")
 
     _step(5, "KV-cache bytes of the 1B models, measured from allocated cache tensors")

@@ -5,10 +5,12 @@ run (or after a queue wait on a cluster) fail here with the field named.
 
 Checks, in order: every ``_component_`` path imports and its arguments bind (Torchtune's ``config.validate``);
 the model builds on the meta device (dims that don't fit); the tokenizer loads (its file exists); the dataset
-builds and yields its first sample (a needle longer than the context); the checkpoint directory holds a model
-or ``init_model`` will create one. ``mla-tune run`` runs this before ``tune run``.
+builds and yields its first sample (a needle longer than the context) and its samples fit the model's
+``max_seq_len``; the checkpoint directory holds a model or ``init_model`` will create one, and its ``config.json``
+describes the config's model (model_type, dimensions). ``mla-tune run`` runs this before ``tune run``.
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -37,20 +39,91 @@ def _check(field: str, build):
         raise PreflightError(f"config field `{field}`: {e}") from e
 
 
+# config.json fields that must agree between a checkpoint and the model it is loaded into
+_DIMENSIONS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
+_SAMPLE_TOKENS = ("tokens", "chosen_input_ids", "rejected_input_ids")  # SFT, DPO
+
+
+def _check_sample_length(cfg: DictConfig, sample, max_seq_len: int) -> None:
+    """Refuse samples longer than the model's ``max_seq_len`` (positions past it have no RoPE entry)."""
+    context = cfg.dataset.get("context_tokens")
+    if isinstance(context, int) and context > max_seq_len:
+        raise PreflightError(
+            f"config field `dataset.context_tokens`: {context} exceeds config field `model.max_seq_len` "
+            f"({max_seq_len}); lower dataset.context_tokens or raise model.max_seq_len"
+        )
+    lengths = [len(sample[k]) for k in _SAMPLE_TOKENS if isinstance(sample, dict) and k in sample]
+    if lengths and max(lengths) > max_seq_len:
+        raise PreflightError(
+            f"config field `dataset`: its first sample is {max(lengths)} tokens, more than config field "
+            f"`model.max_seq_len` ({max_seq_len}); shorten the samples (e.g. tokenizer.max_seq_len) or raise "
+            "model.max_seq_len"
+        )
+
+
+def _check_checkpoint_model(name: str, path: Path, model) -> None:
+    """Refuse a checkpoint whose ``config.json`` (``path``) describes another model than the config's ``model``."""
+    from mla_components.checkpointing.init import hf_config_of
+
+    try:
+        expected = hf_config_of(model)
+    except ValueError:  # a model from elsewhere: nothing to compare with
+        return
+    try:
+        actual = json.loads(path.read_text())
+    except ValueError as e:
+        raise PreflightError(f"config field `{name}.checkpoint_dir`: {path} is not valid JSON ({e})") from e
+    if actual.get("model_type") != expected.get("model_type"):
+        raise PreflightError(
+            f"config field `{name}.checkpoint_dir`: {path} has model_type {actual.get('model_type')!r}, but config "
+            f"field `model` builds a {expected.get('model_type')!r} model; point {name}.checkpoint_dir at a checkpoint "
+            "of that model (or correct model_type in that file)"
+        )
+    wrong = [
+        f"{key}={actual[key]!r} (model: {expected[key]!r})"
+        for key in _DIMENSIONS
+        if key in actual and key in expected and actual[key] != expected[key]
+    ]
+    if wrong:
+        raise PreflightError(
+            f"config field `{name}.checkpoint_dir`: {path} describes another model than config field `model`: "
+            f"{', '.join(wrong)}; point {name}.checkpoint_dir at a checkpoint of this model or change `model`"
+        )
+
+
 def preflight(cfg: DictConfig) -> None:
     """Raise ``PreflightError`` naming the first field that cannot work."""
     _check("_component_ paths", lambda: tt_config.validate(cfg))
+    model = None
     if "model" in cfg:
         with torch.device("meta"):
-            _check("model", lambda: tt_config.instantiate(cfg.model))
+            model = _check("model", lambda: tt_config.instantiate(cfg.model))
     tokenizer = _check("tokenizer", lambda: tt_config.instantiate(cfg.tokenizer)) if "tokenizer" in cfg else None
     if "dataset" in cfg and tokenizer is not None:
         dataset = _check("dataset", lambda: tt_config.instantiate(cfg.dataset, tokenizer))
-        _check("dataset", lambda: dataset[0])
+        sample = _check("dataset", lambda: dataset[0])
+        if isinstance(getattr(model, "max_seq_len", None), int):
+            _check_sample_length(cfg, sample, model.max_seq_len)
     for name in ("checkpointer", "ref_checkpointer"):
         if name in cfg:
             directory = Path(cfg[name].checkpoint_dir)
-            if not (directory / "config.json").is_file() and not cfg[name].get("init_model"):
+            if (directory / "config.json").is_file():
+                if model is not None:
+                    _check_checkpoint_model(name, directory / "config.json", model)
+            elif not cfg[name].get("init_model"):
                 raise PreflightError(
                     f"config field `{name}.checkpoint_dir`: {directory} has no config.json; point it at an HF model "
                     f"directory, or set {name}.init_model (e.g. mla_tiny) to start from a fresh initialisation"

@@ -9,17 +9,22 @@ The recipes assume CUDA in three places, all outside the training math:
 - ``training.cleanup_before_training()`` calls ``torch.cpu.empty_cache()`` and ``reset_peak_memory_stats()``,
   which torch does not have; here they are no-ops.
 
-Nothing changes where CUDA is available. ``apply()`` runs in every process of a ``tune run`` launched by
-``mla-tune run`` (which puts ``_cpu_site/`` with a ``sitecustomize.py`` on ``PYTHONPATH``; so do the tests and the
-SLURM launcher's CPU mode): torchrun's workers are fresh interpreters, and the DPO recipe binds
-``init_process_group`` at import, so the patch must be in place before the recipe module loads.
+Nothing changes where CUDA is available. ``end_with_launcher()`` (on every machine) makes each torchrun worker die
+with its launcher. Both run in every process of a ``tune run`` launched by ``mla-tune run`` (which puts
+``_cpu_site/`` with a ``sitecustomize.py`` on ``PYTHONPATH``; so do the tests and the SLURM launcher's CPU mode):
+torchrun's workers are fresh interpreters, and the DPO recipe binds ``init_process_group`` at import, so the patch
+must be in place before the recipe module loads.
 """
 
+import ctypes
 import os
 import resource
+import signal
+import sys
 from pathlib import Path
 
 SITE_DIR = Path(__file__).with_name("_cpu_site")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _peak_rss_gib() -> float:
@@ -66,3 +71,17 @@ def cpu_env(env: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE_DIR), env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def end_with_launcher() -> bool:
+    """In a worker started by ``torchrun`` (``TORCHELASTIC_RUN_ID`` set), have Linux SIGKILL this process when the
+    launcher dies. torchrun starts its workers in sessions of their own, so killing the launcher's process group
+    (as users and schedulers do) would otherwise leave them training and writing. Returns whether it is armed."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() == 1:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True

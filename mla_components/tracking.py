@@ -13,8 +13,13 @@ per config::
           tracking_uri: file://${output_dir}/mlruns
           register_model_name: mla_tiny_sft
           checkpoint_root: ${output_dir}
+
+With a local SQLite store, MLflow would put artifacts (the config, registered checkpoints) in ``./mlruns`` of
+whatever directory the run started from; ``MLflowLogger`` puts them in ``${output_dir}/mlruns`` instead unless the
+config names ``artifact_location``.
 """
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig
 from torchtune import config as tt_config
 from torchtune.training.metric_logging import MetricLoggerInterface, MLFlowLogger, Scalar
+from torchtune.utils import get_world_size_and_rank
 
 from mla_components.checkpointing import epoch_dirs
 
@@ -71,19 +77,45 @@ def register_checkpoint(checkpoint_dir: str | Path, model_name: str, run_id: str
     return client.create_model_version(model_name, source=source, run_id=run_id)
 
 
+def default_artifact_location(tracking_uri: str | None, checkpoint_root: str | Path | None) -> str | None:
+    """Where a run's artifacts go when the config names no ``artifact_location``: for a local SQLite store,
+    ``<checkpoint_root>/mlruns`` (or ``mlruns`` next to the database file); otherwise the store decides (None)."""
+    if not tracking_uri or not tracking_uri.startswith("sqlite:///"):
+        return None
+    root = Path(checkpoint_root) if checkpoint_root else Path(tracking_uri.removeprefix("sqlite:///")).parent
+    return (root / "mlruns").resolve().as_uri()
+
+
 class MLflowLogger(MLFlowLogger):
     """Torchtune's ``MLFlowLogger`` that, when the run closes, registers the newest ``epoch_N`` checkpoint of
-    ``checkpoint_root`` as a version of the MLflow model ``register_model_name`` (None: no registration)."""
+    ``checkpoint_root`` as a version of the MLflow model ``register_model_name`` (None: no registration).
+
+    ``artifact_location`` (a directory or URI) is used when the experiment is created; by default, with a local
+    SQLite ``tracking_uri``, it is ``<checkpoint_root>/mlruns`` (see :func:`default_artifact_location`). Without
+    ``experiment_name`` (or ``MLFLOW_EXPERIMENT_NAME``) the experiment is ``mla_components`` then, because MLflow's
+    ``Default`` experiment keeps the location it was created with.
+    """
 
     def __init__(
         self,
         *,
         register_model_name: str | None = None,
         checkpoint_root: str | None = None,
+        artifact_location: str | None = None,
         **kwargs: Any,
     ) -> None:
         if register_model_name is not None and checkpoint_root is None:
             raise ValueError("metric_logger: register_model_name needs checkpoint_root (the run's output_dir)")
+        tracking_uri = kwargs.get("tracking_uri") or os.getenv("MLFLOW_TRACKING_URI")
+        location = artifact_location or default_artifact_location(tracking_uri, checkpoint_root)
+        if location is not None and get_world_size_and_rank()[1] == 0:
+            import mlflow
+
+            name = kwargs.get("experiment_name") or os.getenv("MLFLOW_EXPERIMENT_NAME") or "mla_components"
+            client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+            if client.get_experiment_by_name(name) is None:
+                client.create_experiment(name, artifact_location=location)
+            kwargs["experiment_name"] = name
         super().__init__(**kwargs)
         self._register_model_name = register_model_name
         self._checkpoint_root = checkpoint_root

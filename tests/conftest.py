@@ -13,26 +13,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mla_components._triton_compat import fix_interpreter_scalars  # noqa: E402  (after TRITON_INTERPRET is set)
 
-def _fix_interpreter_scalars_for_numpy_2_4() -> None:
-    """Triton 3.6's interpreter calls ``int()`` on 1-element arrays (loop bounds, ``range``), which NumPy >= 2.4
-    rejects (triton-lang/triton#9171, fixed upstream by #9172 after 3.6.0). Apply the same one-line fix."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from triton.runtime import interpreter
-    except ImportError:  # no triton: the kernel tests skip
-        return
-    if getattr(interpreter._patch_lang_tensor, "_scalar_fix", False):
-        return
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._scalar_fix = True
-    interpreter._patch_lang_tensor = patched
-
-
-_fix_interpreter_scalars_for_numpy_2_4()
+fix_interpreter_scalars()  # models apply it themselves (kernel_backend="triton"); kernel tests call kernels directly

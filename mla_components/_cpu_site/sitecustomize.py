@@ -4,9 +4,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from mla_components.torchtune_compat import apply
+from mla_components.torchtune_compat import apply, end_with_launcher
 
 apply()
+end_with_launcher()  # a torchrun worker dies with its launcher
 
 _here = Path(__file__).resolve().parent
 for _entry in sys.path:

@@ -6,6 +6,7 @@ from mla_components.checkpointing._hf_format import (
     load_hf_checkpoint,
     read_config,
     read_safetensors,
+    verify_manifest,
     write_hf_checkpoint,
 )
 
@@ -17,5 +18,6 @@ __all__ = [
     "load_hf_checkpoint",
     "read_config",
     "read_safetensors",
+    "verify_manifest",
     "write_hf_checkpoint",
 ]

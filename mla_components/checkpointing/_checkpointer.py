@@ -9,6 +9,7 @@ checkpointer interface (``load_checkpoint()``, ``save_checkpoint(state_dict, epo
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from mla_components.checkpointing._hf_format import (
     recover_interrupted_writes,
     write_hf_checkpoint,
 )
+from mla_components.checkpointing._lock import lock_output_dir
+from mla_components.torchtune_compat import end_with_launcher
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +50,15 @@ def latest_resumable_epoch(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _ensure_initial_checkpoint(builder: str, directory: Path, seed: int, tokenizer_dir: str | None) -> None:
-    """Write a freshly initialised ``builder`` to ``directory`` unless it already holds a checkpoint.
-
-    In a distributed run only rank 0 looks and writes (atomically); every rank then takes part in the same
-    collective, whatever it would have seen on disk, and a failure on rank 0 is raised on every rank instead of
-    leaving the others waiting.
-    """
-    from mla_components.checkpointing.init import write_initial_checkpoint  # imports the builders lazily
-
+def _on_rank_zero(action: Callable[[], None], what: str) -> None:
+    """Run ``action`` on rank 0 only. In a distributed run every rank then takes part in the same collective,
+    and a failure on rank 0 is raised on every rank instead of leaving the others waiting."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if distributed else 0
     error = None
-    if rank == 0 and not (directory / "config.json").is_file():
-        log.info("checkpoint_dir %s is empty: writing a fresh %s (seed %d)", directory, builder, seed)
+    if rank == 0:
         try:
-            write_initial_checkpoint(builder, directory, seed=seed, tokenizer_dir=tokenizer_dir)
+            action()
         except Exception as e:
             if not distributed:
                 raise
@@ -73,7 +69,20 @@ def _ensure_initial_checkpoint(builder: str, directory: Path, seed: int, tokeniz
         if error is not None:
             raise error
         if outcome[0] is not None:
-            raise RuntimeError(f"rank 0 could not write the initial checkpoint to {directory}: {outcome[0]}")
+            raise RuntimeError(f"rank 0 could not {what}: {outcome[0]}")
+
+
+def _ensure_initial_checkpoint(builder: str, directory: Path, seed: int, tokenizer_dir: str | None) -> None:
+    """Write a freshly initialised ``builder`` to ``directory`` unless it already holds a checkpoint (rank 0 looks
+    and writes, atomically)."""
+    from mla_components.checkpointing.init import write_initial_checkpoint  # imports the builders lazily
+
+    def write() -> None:
+        if not (directory / "config.json").is_file():
+            log.info("checkpoint_dir %s is empty: writing a fresh %s (seed %d)", directory, builder, seed)
+            write_initial_checkpoint(builder, directory, seed=seed, tokenizer_dir=tokenizer_dir)
+
+    _on_rank_zero(write, f"write the initial checkpoint to {directory}")
 
 
 class AtomicHFCheckpointer(_CheckpointerInterface):
@@ -87,7 +96,8 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
 
     Args:
         checkpoint_dir (str): HF directory to start from (``deepseek_v3`` MLA, or ``llama`` for the GQA control).
-        output_dir (str): where ``epoch_N`` directories go; must not be inside ``checkpoint_dir``.
+        output_dir (str): where ``epoch_N`` directories go; must not be inside ``checkpoint_dir``. One run at a
+            time: rank 0 holds its lock (``.mla_components.lock``) and a second run or resume is refused.
         checkpoint_files (Optional[list[str]]): weight files to read; default: all ``*.safetensors`` (or the index).
         model_type (Optional[str]): accepted for config compatibility with Torchtune; the type is read from
             ``config.json``.
@@ -122,6 +132,7 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
     ) -> None:
         if adapter_checkpoint is not None:
             raise ValueError("checkpointer.adapter_checkpoint: adapters are not supported by AtomicHFCheckpointer")
+        end_with_launcher()  # every rank builds a checkpointer: none outlives a killed torchrun
         self._checkpoint_dir = Path(checkpoint_dir)
         self._output_dir = Path(output_dir)
         if self._output_dir.resolve().is_relative_to(self._checkpoint_dir.resolve()):
@@ -135,6 +146,7 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         if init_model is not None:
             _ensure_initial_checkpoint(init_model, self._checkpoint_dir, init_seed, init_tokenizer_dir)
         self._config = read_config(self._checkpoint_dir)  # fail fast, before any model is built
+        _on_rank_zero(lambda: lock_output_dir(self._output_dir), f"lock output_dir {output_dir}")
         if self._output_dir.is_dir():  # a process killed mid-save: its previous epoch is restored
             recover_interrupted_writes(self._output_dir)
         self._resume_dir: Path | None = None

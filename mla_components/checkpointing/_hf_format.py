@@ -5,11 +5,12 @@ through it. Every write goes to a temporary sibling directory that is renamed in
 process killed mid-save leaves the previous checkpoint untouched.
 """
 
+import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,15 @@ SIDE_FILES = (
     "generation_config.json",
 )
 WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "checkpoint_manifest.json"  # sizes and SHA-256 of the other files, written last
 
 
 @contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
+def atomic_directory(target: Path, *, check_target: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target`` in one rename.
 
+    The files written in the block become world-readable (0644) and get a manifest (:func:`write_manifest`),
+    written last. ``check_target(target)`` runs just before ``target`` is replaced and may raise to keep it.
     A crash inside the block leaves only a ``.<name>.tmp-*`` directory (ignored and cleaned by readers); a crash
     between the two renames of an overwrite leaves ``.<name>.old-*`` holding the complete previous version.
     """
@@ -46,9 +50,14 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        write_manifest(tmp)
+        tmp.chmod(0o755)
         for path in tmp.iterdir():  # data on disk before the rename makes it visible
+            path.chmod(0o644)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+        if check_target is not None:
+            check_target(target)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -64,6 +73,59 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """Write ``directory/checkpoint_manifest.json``: the size and SHA-256 of every other file in it."""
+    directory = Path(directory)
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    path = directory / MANIFEST_NAME
+    path.write_text(json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def verify_manifest(directory: Path) -> int | None:
+    """Check every file listed in ``directory``'s manifest against its size and SHA-256; returns how many were
+    checked, or None when the directory has no manifest (written before manifests, or by another tool).
+
+    Raises:
+        ValueError: a listed file is missing, has another size or another digest (named with the fix).
+    """
+    directory = Path(directory)
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"refusing {directory}: its {MANIFEST_NAME} is unreadable ({e})") from e
+    for name, expected in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != expected["size"]:
+            problem = f"has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+        elif _sha256(path) != expected["sha256"]:
+            problem = "does not match its SHA-256 in the manifest (the file was modified or corrupted)"
+        else:
+            continue
+        raise ValueError(
+            f"refusing corrupted checkpoint file {path}: it {problem}; restore it from a copy or use another "
+            f"checkpoint (if you changed it on purpose, delete {manifest})"
+        )
+    return len(files)
 
 
 def recover_interrupted_writes(parent: Path) -> None:
@@ -127,7 +189,13 @@ def hf_to_tune(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> d
     if model_type == "deepseek_v3":
         return mla_hf_to_tune(state_dict, tie_word_embeddings=config.get("tie_word_embeddings", False))
     if model_type == "llama":
-        return convert_weights.hf_to_tune(state_dict, **_llama_shapes(config))
+        try:
+            return convert_weights.hf_to_tune(state_dict, **_llama_shapes(config))
+        except Exception as e:  # Torchtune raises a bare Exception for keys it does not know
+            raise ValueError(
+                f"config.json has model_type 'llama' but the weights don't convert as Llama ({e}); if they are MLA "
+                "weights, config.json must say model_type 'deepseek_v3'"
+            ) from e
     raise ValueError(f"config.json model_type {model_type!r} is not supported (deepseek_v3 or llama)")
 
 
@@ -160,7 +228,9 @@ def check_mla_keys(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) 
 
 
 def load_hf_checkpoint(directory: Path, files: list[str] | None = None) -> tuple[dict[str, Any], dict]:
-    """Read an HF directory into ``(config.json dict, Torchtune state dict)``, validating MLA keys."""
+    """Read an HF directory into ``(config.json dict, Torchtune state dict)``, verifying its manifest (when it has
+    one) and validating MLA keys."""
+    verify_manifest(directory)
     config = read_config(directory)
     hf_state = read_safetensors(directory, files)
     try:
@@ -179,12 +249,15 @@ def write_hf_checkpoint(
     *,
     side_files_from: Path | None = None,
     extra: dict[str, Any] | None = None,
+    text_files: dict[str, str] | None = None,
+    check_target: Callable[[Path], None] | None = None,
 ) -> Path:
     """Atomically write ``target/`` = config.json + model.safetensors (+ tokenizer/generation files copied from
-    ``side_files_from``, + ``extra`` objects saved with ``torch.save`` as ``<name>.pt``)."""
+    ``side_files_from``, + ``extra`` objects saved with ``torch.save`` as ``<name>.pt``, + ``text_files`` by name)
+    and its manifest; ``check_target`` as in :func:`atomic_directory`."""
     hf_state = {k: v.detach().to("cpu").contiguous() for k, v in tune_to_hf(tune_state, config).items()}
     dtypes = {v.dtype for v in hf_state.values()}
-    with atomic_directory(Path(target)) as tmp:
+    with atomic_directory(Path(target), check_target=check_target) as tmp:
         save_file(hf_state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         config = dict(config)
         if len(dtypes) == 1:
@@ -197,4 +270,6 @@ def write_hf_checkpoint(
                     shutil.copy2(src, tmp / name)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / f"{name}.pt")
+        for name, text in (text_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(target)

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mla_components.export import DTYPES, QUANTIZATIONS, ExportError, export_checkpoint
+from mla_components.export import DTYPES, QUANTIZATIONS, export_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,13 +14,18 @@ def main(argv: list[str] | None = None) -> int:
         "mla_components.checkpointing) into a servable HF DeepseekV3 directory for vLLM and transformers.",
     )
     parser.add_argument("--checkpoint", required=True, type=Path, help="source checkpoint directory")
-    parser.add_argument("--output", required=True, type=Path, help="export directory (replaced atomically)")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="export directory: absent, empty, or a previous export (--overwrite)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="torchao weight-only quantisation (optional)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a previous export at --output, atomically")
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, quantize=args.quantize)
-    except (ExportError, ValueError, FileNotFoundError) as e:
+        path = export_checkpoint(
+            args.checkpoint, args.output, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite
+        )
+    except (ValueError, OSError) as e:  # ExportError is a ValueError; OSError: permissions, full disk, ...
         print(f"export failed: {e}", file=sys.stderr)
         return 2
     size = sum(p.stat().st_size for p in path.iterdir()) / 2**20

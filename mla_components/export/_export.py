@@ -3,6 +3,7 @@
 import json
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from mla_components.checkpointing import atomic_directory, epoch_dirs, load_hf_checkpoint, read_config
+from mla_components.checkpointing import (
+    atomic_directory,
+    epoch_dirs,
+    load_hf_checkpoint,
+    read_config,
+    verify_manifest,
+)
 from mla_components.checkpointing._hf_format import SIDE_FILES, WEIGHTS_NAME, tune_to_hf, write_hf_checkpoint
 from mla_components.export._quantize import (
     QUANTIZATIONS,
@@ -23,6 +30,39 @@ from mla_components.export._validate import TOKENIZER_FILES, ExportError, valida
 from mla_components.models import mla_hf_to_tune
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_MARKER = "mla_export.json"  # written into every export: what --overwrite may replace
+
+
+def check_output(src: Path, dst: Path, *, overwrite: bool = False) -> None:
+    """Refuse an export target that is not absent, empty or (with ``overwrite``) a previous export, or that is
+    inside or above the source or the working directory; each message names the path and the fix."""
+    src, dst = Path(src), Path(dst)
+    where, source = dst.resolve(), src.resolve()
+    if where == source:
+        raise ExportError(f"--output {dst} must differ from --checkpoint (the export never overwrites its source)")
+    if where.is_relative_to(source):
+        raise ExportError(f"--output {dst} is inside --checkpoint {src}: choose a directory outside the checkpoint")
+    if Path.cwd().resolve().is_relative_to(where):
+        raise ExportError(
+            f"--output {dst} is the working directory or above it: choose a new directory, e.g. --output exports/model"
+        )
+    if source.is_relative_to(where):
+        raise ExportError(
+            f"--output {dst} contains --checkpoint {src} and would replace it: choose a new directory for the export"
+        )
+    if dst.is_symlink():
+        raise ExportError(f"--output {dst} is a symbolic link: give the directory it points to ({where})")
+    if dst.exists() and not dst.is_dir():
+        raise ExportError(f"--output {dst} exists and is not a directory: choose an absent or empty directory")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    if not (dst / EXPORT_MARKER).is_file():
+        raise ExportError(
+            f"--output {dst} is not empty and holds no previous export (no {EXPORT_MARKER}): choose an absent or "
+            "empty directory"
+        )
+    if not overwrite:
+        raise ExportError(f"--output {dst} holds a previous export: add --overwrite to replace it")
 
 
 def _check_source(src: Path) -> dict[str, Any]:
@@ -59,7 +99,12 @@ def _copy_side_files(src: Path, dst: Path, generation: dict[str, Any]) -> None:
 
 
 def export_checkpoint(
-    src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", quantize: str | None = None
+    src: str | Path,
+    dst: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    quantize: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``dst/``: a servable HF DeepseekV3 directory made from the checkpoint directory ``src``.
 
@@ -68,13 +113,15 @@ def export_checkpoint(
     don't match it (and corrupted safetensors), drops ``recipe_state.pt``, writes ``lm_head.weight`` explicitly
     for tied embeddings (vLLM does not tie DeepseekV3's), casts to ``dtype``, optionally
     quantises the projection weights with torchao, and writes config, weights, tokenizer and generation config
-    atomically (a failed export leaves no ``dst``).
+    atomically (a failed export leaves no ``dst``), with a marker file (``mla_export.json``) and a manifest.
 
     Args:
         src: source checkpoint directory.
-        dst: output directory (replaced if it exists).
+        dst: output directory: absent, empty, or a previous export (replaced atomically with ``overwrite``);
+            anything else, and any directory inside or above ``src`` or the working directory, is refused.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for every weight (quantised ones keep their scales in it).
         quantize: None, ``int8_weight_only`` or ``float8_weight_only``.
+        overwrite: replace a previous export at ``dst``.
 
     Returns:
         ``dst`` as a ``Path``.
@@ -84,8 +131,8 @@ def export_checkpoint(
         raise ExportError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {list(QUANTIZATIONS)} or None, got {quantize!r}")
-    if dst.resolve() == src.resolve():
-        raise ExportError(f"--output {dst} must differ from --checkpoint (the export never overwrites its source)")
+    check = partial(check_output, src, overwrite=overwrite)
+    check(dst)
     config = _check_source(src)  # before reading any weights
     config, tune_state = load_hf_checkpoint(src)  # names missing/unexpected keys; refuses corrupted files
     if config.get("tie_word_embeddings") and "output.weight" not in tune_state:
@@ -94,17 +141,21 @@ def export_checkpoint(
         tune_state["output.weight"] = tune_state["tok_embeddings.weight"].clone()
     config = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype", "quantization_config")}
     generation = _generation_config(src, config)
+    marker = {EXPORT_MARKER: json.dumps({"source": str(src.resolve()), "dtype": dtype, "quantize": quantize}) + "\n"}
     if quantize is None:
         tune_state = {k: v.to(DTYPES[dtype]) for k, v in tune_state.items()}
         with tempfile.TemporaryDirectory() as side:
             _copy_side_files(src, Path(side), generation)
-            return write_hf_checkpoint(dst, tune_state, config, side_files_from=Path(side))
+            return write_hf_checkpoint(
+                dst, tune_state, config, side_files_from=Path(side), text_files=marker, check_target=check
+            )
     hf_state = quantize_weights(tune_to_hf(tune_state, config), quantize, DTYPES[dtype])
-    with atomic_directory(dst) as tmp:
+    with atomic_directory(dst, check_target=check) as tmp:
         save_quantized_safetensors(hf_state, tmp / WEIGHTS_NAME)
         config = {**config, "torch_dtype": dtype, "quantization_config": quantization_config(quantize)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         _copy_side_files(src, tmp, generation)
+        (tmp / EXPORT_MARKER).write_text(marker[EXPORT_MARKER])
     return dst
 
 
@@ -119,6 +170,7 @@ def load_exported_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dic
     config = read_config(directory)
     if "quantization_config" not in config:
         return load_hf_checkpoint(directory)
+    verify_manifest(directory)
     path = directory / WEIGHTS_NAME
     try:
         with safe_open(path, framework="pt") as f:

@@ -1,5 +1,9 @@
 """Backend resolution, and the same checkpoint generating the same tokens with the torch and triton backends."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from mla_kernels import backend
@@ -98,3 +102,39 @@ def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numeri
     assert grads[0].keys() == grads[1].keys()
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+_TRITON_PATH = """
+import torch
+from mla_components.generation import greedy_generate
+from mla_components.models import mla_tiny
+
+torch.manual_seed(0)
+triton_model = mla_tiny(max_seq_len=64, kernel_backend="triton").eval()
+torch_model = mla_tiny(max_seq_len=64, kernel_backend="torch").eval()
+torch_model.load_state_dict(triton_model.state_dict())
+prompt = torch.randint(1, 256, (13,), generator=torch.Generator().manual_seed(1))
+tokens, logits = greedy_generate(triton_model, prompt, 4)
+ref_tokens, ref_logits = greedy_generate(torch_model, prompt, 4)
+assert torch.equal(tokens, ref_tokens), (tokens, ref_tokens)
+torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+print("triton path OK")
+"""
+
+
+def test_triton_backend_runs_under_the_interpreter_outside_pytest(tmp_path):
+    """A user's script with ``TRITON_INTERPRET=1`` and ``kernel_backend="triton"`` (RMSNorm, RoPE and the decode
+    kernel): the interpreter fix for Triton 3.6 + NumPy >= 2.4 comes from the package, not from this conftest."""
+    if not backend.triton_available():
+        unavailable('triton is not installed (pip install -e ".[triton]"; the interpreter runs it on CPU)')
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter path is the CPU path")
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_PATH],
+        cwd=tmp_path,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "triton path OK" in proc.stdout, proc.stderr[-3000:]

@@ -4,6 +4,7 @@ before any weight is read, naming the field (or the keys) and the fix."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from mla_components.checkpointing import load_hf_checkpoint, read_config, write_hf_checkpoint
 from mla_components.export import (
+    EXPORT_MARKER,
     ExportError,
     export_checkpoint,
     load_exported_checkpoint,
@@ -39,10 +41,11 @@ def epoch_dir(init_dir, tmp_path_factory):
 
 
 def _copy(src, dst, *, config=None, drop=(), rename=None):
-    """A copy of checkpoint ``src`` with config.json fields changed, files dropped or a weight key renamed."""
+    """A copy of checkpoint ``src`` with config.json fields changed, files dropped or a weight key renamed (edited
+    by hand: without the manifest, which would refuse the edit)."""
     dst.mkdir()
     for path in src.iterdir():
-        if path.name not in drop:
+        if path.name not in drop and not (path.name == "checkpoint_manifest.json" and (config or rename)):
             dst.joinpath(path.name).write_bytes(path.read_bytes())
     if config:
         (dst / "config.json").write_text(json.dumps({**read_config(src), **config}))
@@ -83,6 +86,83 @@ def test_cli_exports_and_reports_bad_input(epoch_dir, tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_cli_refuses_outputs_it_did_not_write_in_one_line_and_deletes_nothing(init_dir, tmp_path):
+    """An unrelated directory, an existing file, the parent of the source checkpoint (with the run's logs), the
+    working directory as ``.`` and as its absolute path: each refused with exit code 2, one line naming the path
+    and the fix, no traceback, and every file where it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _copy(init_dir, run / "epoch_0")
+    (run / "logs").mkdir()
+    (run / "logs" / "log_1.txt").write_text("Step 1 | loss:1.0\n")
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    (tmp_path / "a_file").write_text("mine")
+    before = _files(tmp_path)
+    cases = [
+        ("unrelated", tmp_path, "is not empty and holds no previous export"),
+        ("a_file", tmp_path, "exists and is not a directory"),
+        ("run", tmp_path, "contains --checkpoint"),
+        ("run/epoch_0/export", tmp_path, "is inside --checkpoint"),
+        (".", unrelated, "is the working directory or above it"),
+        (str(unrelated), unrelated, "is the working directory or above it"),
+    ]
+    for output, cwd, message in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mla_components.export", "--checkpoint", str(run / "epoch_0"), "--output", output],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        ours = [line for line in proc.stderr.splitlines() if line.startswith("export failed:")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(ours) == 1 and f"--output {output} " in ours[0] and message in ours[0], proc.stderr
+        assert _files(tmp_path) == before, output
+        assert not [p for p in tmp_path.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_previous_export_is_replaced_only_with_overwrite_and_atomically(init_dir, tmp_path, monkeypatch):
+    out = export_checkpoint(init_dir, tmp_path / "out", dtype="float32")
+    assert json.loads((out / EXPORT_MARKER).read_text())["dtype"] == "float32"
+    with pytest.raises(ExportError, match=f"--output {out} holds a previous export: add --overwrite"):
+        export_checkpoint(init_dir, out)
+    exported = _files(out)
+
+    import mla_components.checkpointing._hf_format as hf_format
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(hf_format, "save_file", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            export_checkpoint(init_dir, out, overwrite=True)
+    assert _files(out) == exported  # a failed overwrite keeps the previous export
+    assert export_checkpoint(init_dir, out, overwrite=True) == out
+    assert read_config(out)["torch_dtype"] == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing left aside
+
+    (tmp_path / "empty").mkdir()
+    export_checkpoint(init_dir, tmp_path / "empty", dtype="float32")  # an empty directory is fine
+    save_file = hf_format.save_file
+
+    def user_adds_a_file(*args, **kwargs):  # while the export is being written
+        (tmp_path / "late").mkdir(exist_ok=True)
+        (tmp_path / "late" / "notes.txt").write_text("mine")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(hf_format, "save_file", user_adds_a_file)
+    with pytest.raises(ExportError, match="is not empty and holds no previous export"):
+        export_checkpoint(init_dir, tmp_path / "late", dtype="float32")
+    assert _files(tmp_path / "late") == {Path("notes.txt"): b"mine"}
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -116,6 +196,9 @@ def test_corrupted_safetensors_is_refused(init_dir, tmp_path):
     src = _copy(init_dir, tmp_path / "src")
     weights = src / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    with pytest.raises(ValueError, match="refusing corrupted checkpoint file .*model.safetensors"):  # manifest
+        export_checkpoint(src, tmp_path / "out")
+    (src / "checkpoint_manifest.json").unlink()
     with pytest.raises(ValueError, match="refusing corrupted safetensors file .*model.safetensors"):
         export_checkpoint(src, tmp_path / "out")
 

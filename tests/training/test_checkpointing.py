@@ -1,7 +1,10 @@
 """HF-directory checkpoints: transformers loads what we write, bad files are refused by name, writes are atomic."""
 
+import json
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,6 +22,8 @@ from mla_components.checkpointing import (
     load_hf_checkpoint,
     write_hf_checkpoint,
 )
+from mla_components.checkpointing._lock import LOCK_NAME, OutputDirLockedError
+from mla_components.cli import main as mla_tune
 from mla_components.models import gqa_tiny, mla, mla_tiny
 from tests.model.conftest import randomize_, small_config
 
@@ -57,6 +62,9 @@ def test_corrupted_weights_are_refused_by_file_name(tmp_path):
     write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config())
     weights = tmp_path / "c" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(ValueError, match="corrupted checkpoint file .*model.safetensors: it has .* bytes"):
+        load_hf_checkpoint(tmp_path / "c")  # by the manifest
+    (tmp_path / "c" / "checkpoint_manifest.json").unlink()  # a directory of another tool: its header is checked
     with pytest.raises(ValueError, match="corrupted safetensors file .*model.safetensors"):
         load_hf_checkpoint(tmp_path / "c")
 
@@ -64,6 +72,7 @@ def test_corrupted_weights_are_refused_by_file_name(tmp_path):
 def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path):
     model = mla(small_config())
     write_hf_checkpoint(tmp_path / "k", model.state_dict(), model.mla_config.to_hf_config())
+    (tmp_path / "k" / "checkpoint_manifest.json").unlink()  # the weights are edited below
     weights = tmp_path / "k" / "model.safetensors"
     state = load_file(weights)
     del state["model.layers.1.self_attn.kv_b_proj.weight"]
@@ -184,7 +193,98 @@ def test_a_kill_between_the_two_renames_of_an_overwrite_is_undone(tmp_path):
     base = tmp_path / "base"
     write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
     AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["epoch_0", "epoch_1"]  # restored; the superseded copy deleted
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, "epoch_0", "epoch_1"]  # restored; the old copy deleted
     assert latest_resumable_epoch(out) == out / "epoch_1"
     _, state = load_hf_checkpoint(out / "epoch_1")
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_flipped_bytes_are_refused_by_name_on_load_resume_and_validate(tmp_path, capsys):
+    """safetensors has no checksum: a flipped bit in weight data loads silently. The manifest (sizes and SHA-256,
+    written last) refuses it by file name on load, on resume and in ``mla-tune validate --checkpoint``."""
+    model = randomize_(mla(small_config()))
+    config = model.mla_config.to_hf_config()
+    epoch = write_hf_checkpoint(tmp_path / "run" / "epoch_0", model.state_dict(), config, extra={"recipe_state": {}})
+    manifest = json.loads((epoch / "checkpoint_manifest.json").read_text())["files"]
+    assert set(manifest) == {p.name for p in epoch.iterdir()} - {"checkpoint_manifest.json"}
+    mla_tune(["validate", "--checkpoint", str(epoch)])
+    assert f"checkpoint OK: 3 files match {epoch / 'checkpoint_manifest.json'}" in capsys.readouterr().out
+
+    weights = epoch / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x10  # inside the last tensor's data
+    weights.write_bytes(bytes(data))
+    load_file(weights)  # the file itself still reads
+    refused = rf"refusing corrupted checkpoint file {epoch / 'model.safetensors'}: it does not match its SHA-256"
+    with pytest.raises(ValueError, match=refused):
+        load_hf_checkpoint(epoch)
+    with pytest.raises(SystemExit, match=refused):
+        mla_tune(["validate", "--checkpoint", str(epoch)])
+    base = write_hf_checkpoint(tmp_path / "base", model.state_dict(), config)
+    resume = AtomicHFCheckpointer(str(base), str(tmp_path / "run"), should_load_recipe_state=True)
+    with pytest.raises(ValueError, match=refused):
+        resume.load_checkpoint()
+
+
+def test_checkpoint_files_are_world_readable_whatever_the_umask(tmp_path):
+    """A serving container running as another user (uid 10001 in k8s/) must read every file."""
+    model = mla(small_config())
+    umask = os.umask(0o077)
+    try:
+        write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config(), extra={"x": {}})
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "c").stat().st_mode) == 0o755
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "c").iterdir()} == dict.fromkeys(
+        ["config.json", "model.safetensors", "x.pt", "checkpoint_manifest.json"], 0o644
+    )
+
+
+def test_mla_weights_under_a_llama_config_are_refused_naming_config_json(tmp_path):
+    model = mla(small_config())
+    directory = write_hf_checkpoint(tmp_path / "c", model.state_dict(), model.mla_config.to_hf_config())
+    (directory / "checkpoint_manifest.json").unlink()
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(ValueError, match=rf"{directory}: config.json has model_type 'llama' but the weights"):
+        load_hf_checkpoint(directory)
+
+
+_HOLD_OUTPUT_DIR = textwrap.dedent(
+    """
+    import sys, time
+    from mla_components.checkpointing import AtomicHFCheckpointer
+
+    AtomicHFCheckpointer(checkpoint_dir=sys.argv[1], output_dir=sys.argv[2])
+    print("holding", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_one_writer_per_output_dir_and_stale_locks_are_taken_over(tmp_path):
+    """While a run holds its output_dir, a second run or a resume is refused naming the holder, and touches
+    nothing (not even the run's in-flight temporary directory); once the holder is gone its lock is stale."""
+    model = mla(small_config())
+    config = model.mla_config.to_hf_config()
+    base = write_hf_checkpoint(tmp_path / "base", model.state_dict(), config)
+    out = tmp_path / "run"
+    write_hf_checkpoint(out / "epoch_0", model.state_dict(), config, extra={"recipe_state": {}})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OUTPUT_DIR, str(base), str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        (out / ".epoch_1.tmp-0123abcd").mkdir()  # the live run's save in progress
+        busy = rf"output_dir {out} is in use by pid {holder.pid} on host {socket.gethostname()} .*lock file"
+        for resume in (False, True):
+            with pytest.raises(OutputDirLockedError, match=busy):
+                AtomicHFCheckpointer(str(base), str(out), should_load_recipe_state=resume)
+        assert (out / ".epoch_1.tmp-0123abcd").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    resumed = AtomicHFCheckpointer(str(base), str(out), should_load_recipe_state=True)
+    assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (out / ".epoch_1.tmp-0123abcd").exists()  # swept once the run is known to be gone
+    assert resumed.load_checkpoint() is not None

@@ -2,7 +2,10 @@
 ``mla-tune ls/cp/run`` find them; bad values are refused before any training starts."""
 
 import inspect
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -12,6 +15,7 @@ from torchtune.config._utils import _get_component_from_path
 
 from mla_components.cli import main as mla_tune
 from mla_components.cli import project_configs, resolve_recipe, tune_run_argv
+from mla_components.models import mla_tiny
 from tests.training._tune import ENV, REPO, TUNE
 
 CONFIGS = project_configs()
@@ -142,3 +146,77 @@ def test_mla_tune_validate_accepts_the_shipped_configs(capsys):
         ]
     )
     assert "config OK" in capsys.readouterr().out
+
+
+def _mla_tiny_config_json(directory: Path, **changes) -> Path:
+    """``directory/config.json`` of mla_tiny with ``changes`` (all that preflight reads of a checkpoint)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({**mla_tiny().mla_config.to_hf_config(), **changes}))
+    return directory / "config.json"
+
+
+@pytest.mark.parametrize(
+    "changes, detail",
+    [
+        ({"model_type": "llama"}, "has model_type 'llama', but config field `model` builds a 'deepseek_v3' model"),
+        ({"hidden_size": 512}, "describes another model than config field `model`: hidden_size=512 (model: 256)"),
+    ],
+    ids=["model_type", "dimensions"],
+)
+def test_mla_tune_validate_compares_the_checkpoint_config_json_with_the_model(tmp_path, changes, detail):
+    config_json = _mla_tiny_config_json(tmp_path / "ckpt", **changes)
+    with pytest.raises(SystemExit) as failure:
+        mla_tune(
+            ["validate", "--config", "mla_tiny/sft_distributed", f"checkpointer.checkpoint_dir={tmp_path / 'ckpt'}"]
+        )
+    message = str(failure.value)
+    assert "config field `checkpointer.checkpoint_dir`" in message and str(config_json) in message, message
+    assert detail in message, message
+    assert str(CONFIGS["mla_tiny/sft_distributed"][1]) in message  # the config file
+
+
+def test_mla_tune_validate_checks_sample_lengths_against_the_model_max_seq_len():
+    with pytest.raises(SystemExit) as failure:
+        mla_tune(
+            ["validate", "--config", "mla_tiny/sft_distributed", "model.max_seq_len=256", "dataset.context_tokens=400"]
+        )
+    message = str(failure.value)
+    assert "config field `dataset.context_tokens`: 400 exceeds config field `model.max_seq_len` (256)" in message
+
+
+def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("output_dir: x\nseed: 0\nbatch_size: 8: 9\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_components.cli", "validate", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("mla-tune:")]
+    assert ours == [
+        f"mla-tune: {bad}, line 3, column 14: YAML syntax error: mapping values are not allowed in this context"
+    ]
+
+
+def test_a_second_run_on_a_live_output_dir_is_refused(tmp_path):
+    """``tune run`` into the output_dir of a live run (here: a process holding it as a run does) stops before
+    touching it, naming the process and the lock file."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mla_components.checkpointing._lock import lock_output_dir; "
+         "lock_output_dir(sys.argv[1]); print('holding', flush=True); time.sleep(600)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        out = _run_bad(
+            f"output_dir={tmp_path / 'run'}",
+            f"checkpointer.checkpoint_dir={tmp_path / 'init'}",
+            "resume_from_checkpoint=True",
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"output_dir {tmp_path / 'run'} is in use by pid {holder.pid}" in out, out[-3000:]

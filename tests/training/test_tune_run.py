@@ -108,9 +108,27 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _running(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run (zombies, exited but not reaped, do not)."""
+    alive = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.append(pid)
+    return alive
+
+
+def _tree(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
 def test_sigkilled_run_resumes_with_the_same_losses_and_weights(sft_run):
-    """Kill the whole launcher (all ranks) with SIGKILL right after the first checkpoint, resume, and compare with
-    the uninterrupted run: same losses step by step, same final weights."""
+    """SIGKILL the launcher's process group right after the first checkpoint (what users and schedulers do): the
+    ranks, which torchrun starts in sessions of their own, die with it and nothing writes afterwards. Resume, and
+    compare with the uninterrupted run: same losses step by step, same final weights."""
     args = _sft_args(sft_run, "killed", *DISK_ONLY, "metric_logger.log_dir=${output_dir}/logs")
     proc = subprocess.Popen(
         tune_command("full_finetune_distributed", SFT, *args, nproc=2),
@@ -124,9 +142,21 @@ def test_sigkilled_run_resumes_with_the_same_losses_and_weights(sft_run):
     while not (sft_run / "killed" / "epoch_0" / "recipe_state.pt").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before the first checkpoint"
         time.sleep(0.05)
-    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's workers run in sessions of their own
-        os.kill(pid, signal.SIGKILL)
+    workers = _descendants(proc.pid)
+    assert workers, "no torchrun workers"
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    try:
+        deadline = time.monotonic() + 5  # the parent-death signal is immediate; the run's next epochs take longer
+        while _running(workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(workers), "ranks outlived their launcher"
+        written = _tree(sft_run / "killed")
+        time.sleep(3)
+        assert _tree(sft_run / "killed") == written, "something kept writing after the launcher was killed"
+    finally:
+        for pid in _running(workers):
+            os.kill(pid, signal.SIGKILL)
     assert not (sft_run / "killed" / f"epoch_{EPOCHS - 1}").exists(), "killed too late: the run had finished"
     resume_from = epoch_dirs(sft_run / "killed", resumable=True)[-1][0]  # epoch_0, or epoch_1 on a slow poll
 

@@ -179,6 +179,7 @@ def _mla_decode_stage1(
     NUM_STAGES: tl.constexpr,
     FP8: tl.constexpr,  # c_kv is e4m3 with per-group scales; dequantised per tile after the load
     GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # BLOCK_C // GROUP (groups past D_C are masked)
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -233,9 +234,13 @@ def _mla_decode_stage1(
         kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=kv_mask, other=0.0)
         kr = tl.load(kpe_ptr + kpe_rows[:, None] + offs_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
         if FP8:
-            # each value's group scale (d_c / GROUP distinct addresses per token: L1 hits after the first)
-            sc = tl.load(ckv_scale_ptr + cs_rows[:, None] + (offs_c // GROUP)[None, :], mask=kv_mask, other=0.0)
-            kv = (kv.to(tl.float32) * sc).to(q_lat.dtype)
+            # one scale per GROUP values: load the [BLOCK_N, NUM_GROUPS] scales once and broadcast them over a
+            # [BLOCK_N, NUM_GROUPS, GROUP] view of the tile (a per-value gather would issue 4 B loads per 1 B value)
+            offs_g = tl.arange(0, NUM_GROUPS)
+            sc_mask = tok_ok[:, None] & (offs_g < D_C // GROUP)[None, :]
+            sc = tl.load(ckv_scale_ptr + cs_rows[:, None] + offs_g[None, :], mask=sc_mask, other=0.0)
+            kv = tl.reshape(kv.to(tl.float32), [BLOCK_N, NUM_GROUPS, GROUP]) * sc[:, :, None]
+            kv = tl.reshape(kv, [BLOCK_N, BLOCK_C]).to(q_lat.dtype)
             kr = kr.to(q_pe.dtype)  # the rope key stays bf16 in the fp8 layout
 
         scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
@@ -456,6 +461,7 @@ def mla_decode(
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
 
+    latent_block = max(MMA_MIN_ROWS, triton.next_power_of_2(d_c))
     device = q_latent.device
     seq_lens = seq_lens.to(torch.int32)
     if paged:
@@ -512,7 +518,7 @@ def mla_decode(
         *pl_strides,
         D_C=d_c,
         D_R=d_r,
-        BLOCK_C=max(MMA_MIN_ROWS, triton.next_power_of_2(d_c)),
+        BLOCK_C=latent_block,
         BLOCK_R=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
         BLOCK_H=block_h,
         BLOCK_N=cfg.block_n,
@@ -525,6 +531,7 @@ def mla_decode(
         NUM_STAGES=cfg.num_stages,
         FP8=c_kv_scale is not None,
         GROUP=FP8_GROUP_SIZE,
+        NUM_GROUPS=max(1, latent_block // FP8_GROUP_SIZE),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -248,6 +248,15 @@ def test_fp8_cache_in_656_byte_rows_matches_the_reference(poisoned, device, head
     check(got, want, atol=2e-5)
 
 
+def test_fp8_latent_of_three_groups_pads_to_four(poisoned, device):
+    """d_c = 384: the tile is 512 wide, so the fourth scale group is masked off."""
+    lens = torch.tensor([70, 9], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 384, 32, 2, 70, device, seed=12)
+    c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=SMALL)
+    check(got, mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale), atol=2e-5)
+
+
 def test_fp8_paged_cache_with_a_key_mask(poisoned, device):
     gen = torch.Generator().manual_seed(9)
     page_size, max_blocks, rows = 16, 3, 2

@@ -7,7 +7,6 @@ from torch import nn
 # "bf16": the latent unquantised, in the dtype given to ``setup_caches`` (bf16 in every bf16 run; fp32 CPU runs keep
 # fp32); "fp8_e4m3": FlashMLA's layout, e4m3 latent with one fp32 scale per 128 values and the rope key in bf16.
 KV_CACHE_DTYPES = ("bf16", "fp8_e4m3")
-_FP8_DTYPES = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
 
 
 def validate_kv_cache_dtype(kv_cache_dtype: str, kv_lora_rank: int) -> None:
@@ -62,7 +61,7 @@ class MLAKVCache(nn.Module):
     ):
         super().__init__()
         validate_kv_cache_dtype(kv_cache_dtype, kv_lora_rank)
-        if dtype in _FP8_DTYPES:
+        if dtype.is_floating_point and dtype.itemsize == 1:  # any float8
             raise ValueError(
                 f"setup_caches dtype {dtype} would store the rope key (and unscaled latents) in fp8: pass the model's "
                 "dtype and set kv_cache_dtype='fp8_e4m3' (e4m3 latent with per-group scales, rope key in bf16)"

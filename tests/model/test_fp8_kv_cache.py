@@ -9,10 +9,12 @@ carries a relative error of the same order (independent round-offs average over 
 the attended tokens instead of adding up), and the layers then scale it by their gain. Hence two checks:
 
 - with the builder's own random initialisation (layer gains below 1) the error cannot grow past a single value's
-  worst case: ``|logits_fp8 - logits| / |logits| <= 2^-4`` (measured: 0.4% fp32, 0.7% bf16);
+  worst case: ``|logits_fp8 - logits| / |logits| <= 2^-4`` (measured: 0.58% fp32; 0.87% bf16, where the
+  unquantised cache already differs by 0.36% from bf16 rounding; top-1 tokens all equal);
 - with weights whose layers amplify (``randomize_``: N(0, 0.1), gains above 1), the bound is the model's own
   response to the worst case: the fp8 logit error must not exceed that of perturbing every cached latent value by
-  ``+-2^-4`` of itself, and must exceed that of ``+-2^-6`` (it is a real 3-bit rounding, not a no-op).
+  ``+-2^-4`` of itself, and must exceed that of ``+-2^-6`` (it is a real 3-bit rounding, not a no-op); measured
+  14.5% between 8.6% and 32%.
 """
 
 import pytest
@@ -108,7 +110,7 @@ def test_fp8_cache_through_the_triton_kernel_matches_the_torch_dequantisation(mo
     run bf16 ``tl.dot``, see tests/kernels). Unquantised, the two backends agree to ~1e-7; here the fp32 round-off
     between them (~1e-7) moves a few later layers' latents across an e4m3 rounding boundary (measured: 35 of
     4 x 24,576 codes), each a full 2^-3 step, so the logits agree to ~1e-4 relative: far below the fp8 cost itself
-    (~4e-3, the test above), and a wrong dequantisation would be off by O(1)."""
+    (~6e-3, the test above), and a wrong dequantisation would be off by O(1)."""
     if not backend.triton_available():
         unavailable('triton is not installed (pip install -e ".[triton]"; the interpreter runs it on CPU)')
     from mla_kernels import mla_decode as mla_decode_module

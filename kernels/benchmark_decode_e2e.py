@@ -1,6 +1,7 @@
 """Per-token decode latency of whole models at long context: mla_1b (triton / torch backends) vs gqa_1b.
 
     python -O -m mla_kernels.benchmark_decode_e2e --contexts 32768 131072 --json e2e.json
+    python -O -m mla_kernels.benchmark_decode_e2e --contexts 1048576 --models mla_1b:triton mla_1b_fp8:triton
 
 (``-O`` strips the ``assert`` on the cache position in Torchtune's ``KVCache.update`` and ``MLAKVCache.update``:
 it reads a device tensor on the host, which CUDA-graph capture forbids.)
@@ -9,7 +10,9 @@ Random bf16 weights (speed does not depend on their values), batch 1. The caches
 and their position advanced to the context length (a 128k prefill would only cost time and memory here), then one
 decode step (token, position, mask over the whole cache as Torchtune's ``generate`` passes it) is timed: eagerly,
 and replayed from a CUDA graph (what a serving loop would do). Median of ``--steps`` steps after warm-up.
-Per token, MLA reads 18,432 B of cache per position (16 layers x 576 x 2 B), GQA 32,768 B.
+Per token, MLA reads 18,432 B of cache per position (16 layers x 576 x 2 B), GQA 32,768 B; ``mla_1b_fp8`` (the
+fp8 latent cache, ``kv_cache_dtype="fp8_e4m3"``) 10,496 B (16 x 656 B). Each row also reports the peak CUDA memory
+allocated from the model's build to its last timed step.
 """
 
 import argparse
@@ -32,7 +35,9 @@ def build(name: str, max_seq_len: int) -> torch.nn.Module:
             if name == "gqa_1b":
                 model = gqa_1b(max_seq_len=max_seq_len)
             else:
-                model = mla_1b(max_seq_len=max_seq_len, kernel_backend=name.split(":")[1])
+                base, backend = name.split(":")
+                cache = "fp8_e4m3" if base == "mla_1b_fp8" else "bf16"
+                model = mla_1b(max_seq_len=max_seq_len, kernel_backend=backend, kv_cache_dtype=cache)
         finally:
             torch.set_default_dtype(torch.float32)
     return model.to("cuda").eval()  # some builders create buffers on the CPU explicitly
@@ -42,7 +47,15 @@ def fill_caches(model: torch.nn.Module, context: int) -> int:
     """Random cache contents for positions ``0 .. context-1``; returns the cache bytes per position."""
     per_position = 0
     for module in model.modules():
-        if isinstance(module, MLAKVCache):
+        if isinstance(module, MLAKVCache) and module.quantized:
+            # random latents quantised as a prefill would write them (random bytes would hold NaN codes and scales)
+            batch = module.cache.shape[0]
+            for start in range(0, context, 16384):
+                n = min(16384, context - start)
+                c_kv = torch.randn(batch, n, module.kv_lora_rank, device="cuda", dtype=torch.bfloat16)
+                module.update(c_kv, torch.randn(batch, n, module.rope_dim, device="cuda", dtype=torch.bfloat16))
+            per_position += module.cache[0, 0].numel() * module.cache.element_size()
+        elif isinstance(module, MLAKVCache):
             module.cache.normal_()
             module.cache_pos.add_(context)
             per_position += module.cache[0, 0].numel() * module.cache.element_size()
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for context in args.contexts:
         headroom = 3 * args.steps + 64  # each timed step advances the cache position by one
         for name in args.models:
+            torch.cuda.reset_peak_memory_stats()
             model = build(name, max_seq_len=context + headroom)
             with torch.device("cuda"):  # Torchtune's KVCache is allocated on the current default device
                 model.setup_caches(batch_size=1, dtype=torch.bfloat16, decoder_max_seq_len=context + headroom)
@@ -96,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.synchronize()
                 # rewind: the timed steps advanced every cache position
                 fill_caches_position(model, context)
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if args.profile and name == args.models[0] and context == args.contexts[-1]:
                 profile_step(model, context)
                 fill_caches_position(model, context)

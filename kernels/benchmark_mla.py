@@ -2,6 +2,7 @@
 
     python -m mla_kernels.benchmark_mla --json results.json            # the table of docs/results/kernels.md
     python -m mla_kernels.benchmark_mla --sweep --json sweep.json      # stage-1 launch configs, per shape
+    python -m mla_kernels.benchmark_mla --fp8 --json fp8.json          # Triton over the bf16 vs the fp8 cache
 
 Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
 latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:
@@ -16,6 +17,11 @@ every method has to move). Times: CUDA events around each call, L2 flushed befor
 Every method is replayed from a CUDA graph (as a serving loop runs decode steps; this removes Python and launch
 overhead, which would otherwise dominate the small shapes); ``triton_eager_ms`` in the JSON is the kernel
 launched eagerly from Python. ``--graph-max-tokens`` limits graphs to shapes with at most that many cached tokens.
+
+``--fp8`` times the Triton kernel over the same cache stored both ways, side by side in one run (default: H=16,
+1x128k, 8x32k, 128x4k): the bf16 rows (1,152 B per token) and FlashMLA's fp8 rows (656 B: e4m3 latent, fp32 scale
+per 128 values, bf16 rope key; ``MLAKVCache``'s layout), each with its own byte count, and the speedup
+``bf16_ms / fp8_ms``. The fp8 output is first checked against the absorbed PyTorch path over the dequantised cache.
 """
 
 import argparse
@@ -34,9 +40,10 @@ from mla_kernels.mla_decode import (
     mla_decode,
     num_sms,
 )
-from mla_kernels.reference import absorbed_attention_torch, naive_decode_torch
+from mla_kernels.reference import absorbed_attention_torch, naive_decode_torch, quantize_latent_fp8
 
 SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 16384), (128, 4096)]
+FP8_SHAPES = [(1, 131072), (8, 32768), (128, 4096)]  # issue 18: where bytes dominate, and the FlashMLA anchor
 D_C, D_R, D_N, D_V = 512, 64, 128, 128
 MAX_ABS_DIFF_BF16 = 0.05  # measured: <= 0.003 on every shape (docs/results/kernels.md)
 SOFTMAX_SCALE = (D_N + D_R) ** -0.5
@@ -204,6 +211,77 @@ def run_table(args, timer: Timer, copy_gbps: float) -> list[dict]:
     return rows
 
 
+def fp8_cache(p: dict) -> dict:
+    """The problem's cache in ``MLAKVCache``'s fp8 rows: one uint8 ``[B, L, 656]`` buffer and its three views."""
+    values, scale = quantize_latent_fp8(p["c_kv"])
+    rope = p["k_pe"].contiguous()
+    rows = torch.cat([values.view(torch.uint8), scale.view(torch.uint8), rope.view(torch.uint8)], dim=-1)
+    del values, scale, rope
+    groups = D_C // 128
+    return dict(
+        rows=rows,
+        c_kv=rows[..., :D_C].view(torch.float8_e4m3fn),
+        c_kv_scale=rows[..., D_C : D_C + 4 * groups].view(torch.float32),
+        k_pe=rows[..., D_C + 4 * groups :].view(torch.bfloat16),
+    )
+
+
+def fp8_ops(p: dict, f: dict) -> dict:
+    """The kernel over the bf16 cache and over its fp8 copy ``f`` (same queries and lengths)."""
+    b, _, h, _ = p["q_latent"].shape
+    q_lat, q_pe = p["q_latent"].view(b, h, D_C), p["q_pe"].reshape(b, h, D_R)
+    return {
+        "bf16": lambda: mla_decode(q_lat, q_pe, p["c_kv"], p["k_pe"], p["seq_lens"], SOFTMAX_SCALE)[0],
+        "fp8": lambda: mla_decode(
+            q_lat, q_pe, f["c_kv"], f["k_pe"], p["seq_lens"], SOFTMAX_SCALE, c_kv_scale=f["c_kv_scale"]
+        )[0],
+    }
+
+
+def run_fp8(args, timer: Timer, copy_gbps: float) -> list[dict]:
+    """Triton over the bf16 cache and over the fp8 cache of the same values, per shape, side by side."""
+    rows = []
+    timer.repeats = args.repeats
+    for heads in args.heads:
+        for batch, length in args.shapes:
+            p = make_problem(batch, length, heads)
+            f = fp8_cache(p)
+            candidates = fp8_ops(p, f)
+            # a wrong kernel must not print speedups: the fp8 kernel vs absorbed PyTorch over the same fp8 values
+            want = absorbed_attention_torch(
+                p["q_latent"], p["q_pe"], f["c_kv"], f["k_pe"], None, SOFTMAX_SCALE, c_kv_scale=f["c_kv_scale"]
+            ).view(batch, heads, D_C)
+            got = candidates["fp8"]()
+            row = dict(heads=heads, batch=batch, length=length, graphed=batch * length <= args.graph_max_tokens)
+            row["fp8_max_abs_diff_vs_absorbed"] = (got.float() - want.float()).abs().max().item()
+            # the quantisation itself, for the record: fp8 kernel vs bf16 kernel
+            row["fp8_max_abs_diff_vs_bf16"] = (got.float() - candidates["bf16"]().float()).abs().max().item()
+            del want, got
+            if not row["fp8_max_abs_diff_vs_absorbed"] <= MAX_ABS_DIFF_BF16:
+                raise AssertionError(
+                    f"H={heads} {batch}x{length}: fp8 Triton differs from absorbed PyTorch by "
+                    f"{row['fp8_max_abs_diff_vs_absorbed']:.3g} > {MAX_ABS_DIFF_BF16}"
+                )
+            row["triton_config"] = asdict(default_config(heads, batch, num_sms(torch.device("cuda")), length))
+            for name, op in candidates.items():
+                nbytes = decode_bytes(batch * length, batch, heads, D_C, D_R, 2, fp8_cache=name == "fp8")
+                ms = statistics.median(timer(op, graph=row["graphed"]))
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                row[name] = dict(ms=ms, bytes=nbytes, gbps=gbps, pct_copy=100 * gbps / copy_gbps)
+                row[name]["compiled"] = last_stage1_report()
+            row["speedup_fp8_vs_bf16"] = row["bf16"]["ms"] / row["fp8"]["ms"]
+            rows.append(row)
+            cells = " | ".join(f"{n} {row[n]['ms'] * 1e3:9.1f} us {row[n]['gbps']:6.0f} GB/s" for n in ("bf16", "fp8"))
+            print(
+                f"H={heads:3d} {batch:3d}x{length:6d} | {cells} | fp8 speedup {row['speedup_fp8_vs_bf16']:5.2f}x | "
+                f"max|fp8-bf16| {row['fp8_max_abs_diff_vs_bf16']:.3g} | graph={row['graphed']}",
+                flush=True,
+            )
+            del p, f, candidates
+            torch.cuda.empty_cache()
+    return rows
+
+
 def run_sweep(args, timer: Timer, copy_gbps: float) -> list[dict]:
     results = []
     timer.repeats = args.repeats
@@ -246,15 +324,18 @@ def _shape(text: str) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heads", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--heads", type=int, nargs="+", help="default: 16 128 (--fp8: 16)")
     parser.add_argument("--methods", nargs="+", default=["naive", "absorbed", "triton"])
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per op (naive: a fifth)")
     parser.add_argument("--graph-max-tokens", type=int, default=1 << 30, help="CUDA-graph shapes up to B*L tokens")
-    parser.add_argument("--shapes", type=_shape, nargs="+", default=SHAPES, help="BxL, e.g. 1x131072")
+    parser.add_argument("--shapes", type=_shape, nargs="+", help="BxL, e.g. 1x131072 (default: see above)")
     parser.add_argument("--sweep", action="store_true", help="time the stage-1 launch configs instead")
     parser.add_argument("--extended", action="store_true", help="with --sweep: the second-round configs")
+    parser.add_argument("--fp8", action="store_true", help="Triton over the bf16 vs the fp8 latent cache")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    args.heads = args.heads or ([16] if args.fp8 else [16, 128])
+    args.shapes = args.shapes or (FP8_SHAPES if args.fp8 else SHAPES)
     if not torch.cuda.is_available():
         print("benchmark_mla needs a CUDA device", file=sys.stderr)
         return 2
@@ -271,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         result["triton"] = triton.__version__
     except ImportError:
         pass
-    if args.sweep:
+    if args.fp8:
+        print("per cache: us, GB/s (each counted with its own bytes: 1,152 vs 656 per token); speedup = bf16/fp8")
+        result["fp8"] = run_fp8(args, timer, copy_gbps)
+    elif args.sweep:
         result["sweep"] = run_sweep(args, timer, copy_gbps)
     else:
         result["rows"] = run_table(args, timer, copy_gbps)

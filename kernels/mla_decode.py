@@ -21,6 +21,11 @@ The split count comes from the batch, the head blocks, the cache length and the 
 Caches: contiguous ``[B, T, d]`` (any strides with a unit last stride, e.g. views of ``MLAKVCache.cache``) or
 paged ``[num_blocks, page_size, d]`` with an int32 ``block_table [B, max_blocks]``. Lengths are per query row;
 an optional boolean ``key_mask`` additionally selects keys (Torchtune's generation masks, left padding).
+
+FP8 cache (FlashMLA's 656-byte rows for 512 + 64): ``c_kv`` in float8_e4m3fn with ``c_kv_scale`` (fp32, one per
+``FP8_GROUP_SIZE`` latent values of a token) and ``k_pe`` in bf16. Each tile is dequantised in registers right
+after its load (``e4m3 -> fp32 * scale -> query dtype``), so only the fp8 bytes cross the memory bus; the
+products then run as in the unquantised kernel.
 """
 
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from mla_kernels.reference import FP8_GROUP_SIZE
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -129,6 +135,7 @@ def _mla_decode_stage1(
     q_pe_ptr,
     ckv_ptr,
     kpe_ptr,
+    ckv_scale_ptr,  # fp32 [.., T, d_c / GROUP] with FP8, else unused
     seq_lens_ptr,
     block_table_ptr,
     key_mask_ptr,
@@ -146,6 +153,8 @@ def _mla_decode_stage1(
     stride_ckv_t,
     stride_kpe_b,
     stride_kpe_t,
+    stride_cs_b,
+    stride_cs_t,
     stride_bt_b,
     stride_km_b,
     stride_km_s,
@@ -168,6 +177,9 @@ def _mla_decode_stage1(
     DIRECT: tl.constexpr,  # one split: write the normalised output in its dtype and the natural-log lse
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    FP8: tl.constexpr,  # c_kv is e4m3 with per-group scales; dequantised per tile after the load
+    GROUP: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,  # BLOCK_C // GROUP (groups past D_C are masked)
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -213,11 +225,23 @@ def _mla_decode_stage1(
             slot = page.to(tl.int64) * PAGE_SIZE + tok % PAGE_SIZE
             ckv_rows = slot * stride_ckv_t
             kpe_rows = slot * stride_kpe_t
+            cs_rows = slot * stride_cs_t
         else:
             ckv_rows = seq.to(tl.int64) * stride_ckv_b + tok.to(tl.int64) * stride_ckv_t
             kpe_rows = seq.to(tl.int64) * stride_kpe_b + tok.to(tl.int64) * stride_kpe_t
-        kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
+            cs_rows = seq.to(tl.int64) * stride_cs_b + tok.to(tl.int64) * stride_cs_t
+        kv_mask = tok_ok[:, None] & c_ok[None, :]
+        kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=kv_mask, other=0.0)
         kr = tl.load(kpe_ptr + kpe_rows[:, None] + offs_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+        if FP8:
+            # one scale per GROUP values: load the [BLOCK_N, NUM_GROUPS] scales once and broadcast them over a
+            # [BLOCK_N, NUM_GROUPS, GROUP] view of the tile (a per-value gather would issue 4 B loads per 1 B value)
+            offs_g = tl.arange(0, NUM_GROUPS)
+            sc_mask = tok_ok[:, None] & (offs_g < D_C // GROUP)[None, :]
+            sc = tl.load(ckv_scale_ptr + cs_rows[:, None] + offs_g[None, :], mask=sc_mask, other=0.0)
+            kv = tl.reshape(kv.to(tl.float32), [BLOCK_N, NUM_GROUPS, GROUP]) * sc[:, :, None]
+            kv = tl.reshape(kv, [BLOCK_N, BLOCK_C]).to(q_lat.dtype)
+            kr = kr.to(q_pe.dtype)  # the rope key stays bf16 in the fp8 layout
 
         scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
         scores = _dot(q_lat, tl.trans(kv), scores, IEEE)
@@ -306,7 +330,7 @@ def _mla_decode_stage2(
         tl.store(lse_ptr + row * stride_l_r + head * stride_l_h, lse)
 
 
-def _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask) -> None:
+def _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale=None) -> None:
     """Shape/dtype/device checks that raise a ValueError naming the argument (no device syncs)."""
     if q_latent.ndim != 3 or q_pe.ndim != 3:
         raise ValueError(
@@ -324,15 +348,37 @@ def _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask) -
             f"latent/rope widths differ: q_latent {q_latent.shape[2]} vs c_kv {c_kv.shape[2]}, "
             f"q_pe {q_pe.shape[2]} vs k_pe {k_pe.shape[2]}"
         )
-    dtypes = {t.dtype for t in (q_latent, q_pe, c_kv, k_pe)}
-    if len(dtypes) != 1 or q_latent.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q_latent, q_pe, c_kv, k_pe must share one of fp16/bf16/fp32, got {sorted(map(str, dtypes))}")
-    optional = [t for t in (block_table, key_mask) if t is not None]
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if c_kv_scale is None:
+        dtypes = {t.dtype for t in (q_latent, q_pe, c_kv, k_pe)}
+        if len(dtypes) != 1 or q_latent.dtype not in floats:
+            hint = " (an fp8 c_kv needs its c_kv_scale)" if c_kv.dtype == torch.float8_e4m3fn else ""
+            raise ValueError(
+                f"q_latent, q_pe, c_kv, k_pe must share one of fp16/bf16/fp32, got {sorted(map(str, dtypes))}{hint}"
+            )
+    else:
+        if c_kv.dtype != torch.float8_e4m3fn or c_kv_scale.dtype != torch.float32:
+            raise ValueError(
+                f"with c_kv_scale, c_kv must be float8_e4m3fn and c_kv_scale float32, got {c_kv.dtype} and "
+                f"{c_kv_scale.dtype}"
+            )
+        groups = c_kv.shape[2] // FP8_GROUP_SIZE
+        if c_kv.shape[2] % FP8_GROUP_SIZE or c_kv_scale.shape != (*c_kv.shape[:2], groups):
+            raise ValueError(
+                f"c_kv_scale must be [{c_kv.shape[0]}, {c_kv.shape[1]}, d_c / {FP8_GROUP_SIZE}] for c_kv "
+                f"{tuple(c_kv.shape)} (d_c a multiple of {FP8_GROUP_SIZE}), got {tuple(c_kv_scale.shape)}"
+            )
+        if q_latent.dtype != q_pe.dtype or q_latent.dtype not in floats or k_pe.dtype not in floats:
+            raise ValueError(
+                f"q_latent and q_pe must share one of fp16/bf16/fp32 and k_pe be one of them, got {q_latent.dtype}, "
+                f"{q_pe.dtype}, {k_pe.dtype}"
+            )
+    optional = [t for t in (block_table, key_mask, c_kv_scale) if t is not None]
     devices = {t.device for t in (q_latent, q_pe, c_kv, k_pe, seq_lens, *optional)}
     if len(devices) != 1:
         raise ValueError(f"all inputs must be on one device, got {sorted(map(str, devices))}")
-    for name, t in dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe).items():
-        if t.stride(-1) != 1:
+    for name, t in dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe, c_kv_scale=c_kv_scale).items():
+        if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a unit stride in its last dim (call .contiguous())")
     rows = q_latent.shape[0]
     if seq_lens.shape != (rows,):
@@ -368,6 +414,7 @@ def mla_decode(
     seq_lens: torch.Tensor,
     softmax_scale: float,
     *,
+    c_kv_scale: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
@@ -378,12 +425,16 @@ def mla_decode(
     Args:
         q_latent: absorbed queries ``[R, H, d_c]`` (``q_nope @ W_UK``); R query rows, R a multiple of the batch B.
         q_pe: rotated rope queries ``[R, H, d_r]``.
-        c_kv: latent cache ``[B, T, d_c]``, or ``[num_blocks, page_size, d_c]`` with ``block_table``.
-        k_pe: rope-key cache, same leading dims as ``c_kv`` (both may be views of one ``[.., d_c + d_r]`` buffer).
+        c_kv: latent cache ``[B, T, d_c]``, or ``[num_blocks, page_size, d_c]`` with ``block_table``; in the
+            queries' dtype, or float8_e4m3fn with ``c_kv_scale``.
+        k_pe: rope-key cache, same leading dims as ``c_kv`` (both may be views of one ``[.., d_c + d_r]`` buffer);
+            in the queries' dtype (any of fp16/bf16/fp32 with an fp8 ``c_kv``: bf16 in the FlashMLA layout).
         seq_lens: int ``[R]``: row r attends to tokens ``0 .. seq_lens[r]-1`` of sequence ``r // (R / B)``. Not
             checked against the cache's capacity (that would need a device sync, which CUDA graphs forbid): a
             length past it reads out of bounds.
         softmax_scale: the pre-absorption scale ``(d_n + d_r)**-0.5`` (times YaRN's mscale**2).
+        c_kv_scale: fp32 ``[B, T, d_c / FP8_GROUP_SIZE]`` (same leading dims as ``c_kv``) for an e4m3 ``c_kv``:
+            value ``i`` of a token is ``c_kv[.., i] * c_kv_scale[.., i // FP8_GROUP_SIZE]``; None otherwise.
         block_table: int32 ``[B, max_blocks]`` of page ids (paged cache); None for a contiguous cache.
         key_mask: optional bool ``[R, T]`` or ``[B, R/B, T]``; False drops a key (combined with ``seq_lens``).
         num_splits: splits per sequence (None = :func:`choose_num_splits`).
@@ -393,7 +444,7 @@ def mla_decode(
         ``(out [R, H, d_c]`` in the input dtype, ``lse [R, H]`` fp32, natural log of the sum of exp(scores)).
         A row with no key gets ``out = 0`` and ``lse = -inf``.
     """
-    _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask)
+    _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale)
     rows, num_heads, d_c = q_latent.shape
     d_r = q_pe.shape[2]
     paged = block_table is not None
@@ -410,6 +461,7 @@ def mla_decode(
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
 
+    latent_block = max(MMA_MIN_ROWS, triton.next_power_of_2(d_c))
     device = q_latent.device
     seq_lens = seq_lens.to(torch.int32)
     if paged:
@@ -440,6 +492,7 @@ def mla_decode(
         q_pe,
         c_kv,
         k_pe,
+        c_kv if c_kv_scale is None else c_kv_scale,  # never read without FP8
         seq_lens,
         block_table if paged else seq_lens,
         mask_u8,
@@ -457,13 +510,15 @@ def mla_decode(
         c_kv.stride(1),
         k_pe.stride(0),
         k_pe.stride(1),
+        0 if c_kv_scale is None else c_kv_scale.stride(0),
+        0 if c_kv_scale is None else c_kv_scale.stride(1),
         block_table.stride(0) if paged else 0,
         *km_strides,
         *po_strides,
         *pl_strides,
         D_C=d_c,
         D_R=d_r,
-        BLOCK_C=max(MMA_MIN_ROWS, triton.next_power_of_2(d_c)),
+        BLOCK_C=latent_block,
         BLOCK_R=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
         BLOCK_H=block_h,
         BLOCK_N=cfg.block_n,
@@ -474,6 +529,9 @@ def mla_decode(
         DIRECT=splits == 1,
         IEEE=q_latent.dtype == torch.float32,
         NUM_STAGES=cfg.num_stages,
+        FP8=c_kv_scale is not None,
+        GROUP=FP8_GROUP_SIZE,
+        NUM_GROUPS=max(1, latent_block // FP8_GROUP_SIZE),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -501,9 +559,13 @@ def mla_decode(
     return out, lse
 
 
-def decode_bytes(seq_lens_total: int, rows: int, num_heads: int, d_c: int, d_r: int, itemsize: int) -> int:
-    """Bytes a decode step must move: the latent cache once, the queries in, the latent output out."""
-    return seq_lens_total * (d_c + d_r) * itemsize + rows * num_heads * (d_c + d_r + d_c) * itemsize
+def decode_bytes(
+    seq_lens_total: int, rows: int, num_heads: int, d_c: int, d_r: int, itemsize: int, fp8_cache: bool = False
+) -> int:
+    """Bytes a decode step must move: the latent cache once, the queries in, the latent output out. With
+    ``fp8_cache`` the cache rows are FlashMLA's: 1 B per latent value, 4 B per scale group, the rope key in bf16."""
+    row = d_c + 4 * (d_c // FP8_GROUP_SIZE) + 2 * d_r if fp8_cache else (d_c + d_r) * itemsize
+    return seq_lens_total * row + rows * num_heads * (d_c + d_r + d_c) * itemsize
 
 
 def decode_flops(seq_lens_total: int, num_heads: int, d_c: int, d_r: int) -> int:

@@ -1,9 +1,11 @@
 """KV-cache size of any Torchtune decoder, measured from the cache tensors it allocates.
 
-    python -m mla_components.kv_cache_report            # mla_1b vs gqa_1b vs mha_1b, bf16
+    python -m mla_components.kv_cache_report            # mla_1b (bf16 and fp8 cache) vs gqa_1b vs mha_1b
 
 Models are built on the meta device (no weights allocated); only the caches are real tensors. Bytes per token are
 read off caches allocated at two lengths (and checked to grow linearly) before being scaled to 128k and 1M tokens.
+The ``mla_1b_fp8`` row is ``mla_1b(kv_cache_dtype="fp8_e4m3")``: FlashMLA's 656-byte rows (e4m3 latent, fp32 group
+scales, bf16 rope key), whatever ``--dtype`` says.
 """
 
 import argparse
@@ -18,8 +20,8 @@ from mla_components.modules.kv_cache import MLAKVCache
 
 
 def allocated_kv_cache_bytes(model: nn.Module) -> int:
-    """Bytes held by the KV-cache tensors of ``model`` (Torchtune ``KVCache`` or ``MLAKVCache``), excluding the
-    position bookkeeping."""
+    """Bytes held by the KV-cache tensors of ``model`` (Torchtune ``KVCache`` or ``MLAKVCache``, whose one buffer
+    holds the fp8 latent, its scales and the rope key when quantised), excluding the position bookkeeping."""
     total = 0
     for module in model.modules():
         if isinstance(module, MLAKVCache):
@@ -32,7 +34,8 @@ def allocated_kv_cache_bytes(model: nn.Module) -> int:
 def kv_cache_bytes_per_token(
     builder: Callable[..., TransformerDecoder], dtype: torch.dtype = torch.bfloat16, probe_len: int = 512
 ) -> int:
-    """Cache bytes per token (batch 1) of the model ``builder()`` makes, from real allocations at two lengths."""
+    """Cache bytes per token (batch 1) of the model ``builder()`` makes, from real allocations at two lengths.
+    ``dtype`` is the ``setup_caches`` dtype: an fp8 MLA cache stores 656-byte rows whatever it is."""
     with torch.device("meta"):
         model = builder()
     sizes = []
@@ -44,7 +47,8 @@ def kv_cache_bytes_per_token(
                 module.kv_cache, module.cache_enabled = None, False
     per_token, remainder = divmod(sizes[1] - sizes[0], probe_len)
     if remainder or sizes[0] != per_token * probe_len:
-        raise RuntimeError(f"{builder.__name__}: cache size does not grow linearly with length ({sizes})")
+        name = getattr(builder, "__name__", repr(builder))
+        raise RuntimeError(f"{name}: cache size does not grow linearly with length ({sizes})")
     return per_token
 
 
@@ -80,6 +84,13 @@ def format_table(rows: list[CacheRow], reference: str) -> str:
     return "\n".join(lines)
 
 
+def mla_1b_fp8(**overrides) -> TransformerDecoder:
+    """``mla_1b`` with the fp8 latent cache (``kv_cache_dtype="fp8_e4m3"``)."""
+    from mla_components.models import mla_1b
+
+    return mla_1b(**{"kv_cache_dtype": "fp8_e4m3", **overrides})
+
+
 def main(argv: list[str] | None = None) -> str:
     from mla_components.models import gqa_1b, mha_1b, mla_1b
 
@@ -89,7 +100,7 @@ def main(argv: list[str] | None = None) -> str:
     dtype = getattr(torch, args.dtype)
     rows = [
         CacheRow(name, kv_cache_bytes_per_token(builder, dtype))
-        for name, builder in (("mla_1b", mla_1b), ("gqa_1b", gqa_1b), ("mha_1b", mha_1b))
+        for name, builder in (("mla_1b", mla_1b), ("mla_1b_fp8", mla_1b_fp8), ("gqa_1b", gqa_1b), ("mha_1b", mha_1b))
     ]
     table = format_table(rows, reference="mla_1b")
     print(f"KV cache per sequence ({args.dtype}), measured from allocated cache tensors:\n{table}")

@@ -262,7 +262,8 @@ def evaluate_model(
     progress: bool = True,
 ) -> ModelResult:
     """Run every trial through ``model`` and score it; one KV cache per context length, reset between trials."""
-    result = ModelResult(name=name, checkpoint=checkpoint)
+    mla_config = getattr(model, "mla_config", None)
+    result = ModelResult(name=name, checkpoint=checkpoint, kv_cache_dtype=getattr(mla_config, "kv_cache_dtype", None))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     cells = tqdm(total=len(grid.context_lengths) * len(grid.depths), desc=f"passkey {name}", disable=not progress)

@@ -51,6 +51,7 @@ class ModelResult:
         seconds: wall time per context length.
         peak_memory_bytes: peak CUDA allocation, or the process's peak RSS on CPU.
         peak_memory_kind: ``"cuda_max_allocated"`` or ``"cpu_max_rss"``.
+        kv_cache_dtype: an MLA model's ``kv_cache_dtype`` (``"bf16"`` or ``"fp8_e4m3"``); None for other models.
     """
 
     name: str
@@ -60,6 +61,7 @@ class ModelResult:
     seconds: dict[int, float] = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = "cpu_max_rss"
+    kv_cache_dtype: str | None = None
 
     def cells(self) -> list[CellScore]:
         return aggregate_cells(self.trials)
@@ -92,6 +94,7 @@ class ModelResult:
             "overall_accuracy": correct / total if total else 0.0,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory_kind": self.peak_memory_kind,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "lengths": self.length_summaries(),
             "cells": [{**vars(c), "accuracy": c.accuracy} for c in cells],
             "trials": self.trials,
@@ -112,10 +115,11 @@ def summary_lines(models: Sequence[dict[str, Any]]) -> list[str]:
         for row in model["lengths"]:
             depths = " ".join(f"{c['depth']:.0%}:{c['accuracy']:.2f}" for c in by_length[row["context_tokens"]])
             seconds = "" if row["seconds"] is None else f" {row['seconds']:.1f}s"
+            cache_dtype = " fp8_e4m3" if model.get("kv_cache_dtype") == "fp8_e4m3" else ""
             lines.append(
                 f"{model['name']} @ {row['context_tokens']:>7,} tokens: accuracy {row['accuracy']:.3f} "
                 f"({row['correct']}/{row['trials']}) | depth {depths} | KV cache {_mib(row['kv_cache_bytes'])}"
-                f"{seconds}"
+                f"{cache_dtype}{seconds}"
             )
     return lines
 

@@ -55,6 +55,7 @@ def mla_attention(config: MLAConfig, pos_embeddings: nn.Module) -> MultiHeadLate
         max_seq_len=c.max_seq_len,
         attn_dropout=c.attn_dropout,
         kernel_backend=c.kernel_backend,
+        kv_cache_dtype=c.kv_cache_dtype,
         **query,
     )
 

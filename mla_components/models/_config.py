@@ -3,6 +3,9 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from mla_kernels.reference import FP8_GROUP_SIZE
+
+from mla_components.modules.kv_cache import validate_kv_cache_dtype
 from mla_components.modules.rope import validate_rope_scaling
 
 KERNEL_BACKENDS = ("torch", "triton", "auto")
@@ -32,6 +35,7 @@ class MLAConfig:
     attn_dropout: float = 0.0
     tie_word_embeddings: bool = True
     kernel_backend: str = "auto"
+    kv_cache_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         for name in (
@@ -66,6 +70,7 @@ class MLAConfig:
             raise ValueError(f"attn_dropout must be in [0, 1], got {self.attn_dropout}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        validate_kv_cache_dtype(self.kv_cache_dtype, self.kv_lora_rank)
         validate_rope_scaling(self.rope_scaling)
         if self.rope_scaling:  # one canonical form: YaRN is the only kind, so the type tag is implied
             canonical = {k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")}
@@ -79,6 +84,13 @@ class MLAConfig:
     def kv_cache_width(self) -> int:
         """Values cached per token per layer: ``kv_lora_rank + qk_rope_head_dim`` (576 for DeepSeek-V3)."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def kv_cache_bytes_per_token_layer(self, itemsize: int = 2) -> int:
+        """Cache bytes per token and layer: ``kv_cache_width * itemsize`` unquantised (1,152 for 512 + 64 in bf16);
+        with fp8 the latent in 1 B, 4 B per 128-value scale group and the rope key in bf16 (656 for 512 + 64)."""
+        if self.kv_cache_dtype == "fp8_e4m3":
+            return self.kv_lora_rank + 4 * (self.kv_lora_rank // FP8_GROUP_SIZE) + 2 * self.qk_rope_head_dim
+        return self.kv_cache_width * itemsize
 
     def to_hf_config(self, **extra: Any) -> dict[str, Any]:
         """A dense HF DeepseekV3 ``config.json`` that transformers and vLLM load as-is.

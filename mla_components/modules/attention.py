@@ -20,7 +20,7 @@ from mla_kernels.reference import absorbed_attention_torch
 from torch import nn
 from torchtune.modules.attention_utils import _MaskType
 
-from mla_components.modules.kv_cache import MLAKVCache
+from mla_components.modules.kv_cache import MLAKVCache, validate_kv_cache_dtype
 
 try:  # flex attention handles packed-sequence BlockMasks (optional, as in Torchtune)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -65,6 +65,9 @@ class MultiHeadLatentAttention(nn.Module):
         is_causal (bool): causal masking when no mask is given.
         attn_dropout (float): attention dropout in training.
         kernel_backend (str): ``"torch"``, ``"triton"`` or ``"auto"`` for the cached decode step.
+        kv_cache_dtype (str): ``"bf16"`` (the latent cache in the model's dtype) or ``"fp8_e4m3"`` (e4m3 latent with
+            per-128-value fp32 scales, rope key in bf16; dequantised in the decode kernel's loads or, in PyTorch,
+            before the absorbed product); see :class:`MLAKVCache`.
 
     Raises:
         ValueError: at construction, naming the field, if a dimension is not positive, the rope dim is odd, the
@@ -94,6 +97,7 @@ class MultiHeadLatentAttention(nn.Module):
         is_causal: bool = True,
         attn_dropout: float = 0.0,
         kernel_backend: str = "auto",
+        kv_cache_dtype: str = "bf16",
     ) -> None:
         super().__init__()
         for name, value in dict(
@@ -111,6 +115,7 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
         if not 0.0 <= attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
+        validate_kv_cache_dtype(kv_cache_dtype, kv_lora_rank)
         low_rank = (q_a_proj, q_a_norm, q_b_proj)
         if (q_proj is None) == all(m is None for m in low_rank) or (
             q_proj is None and any(m is None for m in low_rank)
@@ -152,6 +157,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.is_causal = is_causal
         self.attn_dropout = attn_dropout
         self.kernel_backend = kernel_backend
+        self.kv_cache_dtype = kv_cache_dtype
 
         self.q_proj = q_proj
         self.q_a_proj = q_a_proj
@@ -169,12 +175,15 @@ class MultiHeadLatentAttention(nn.Module):
 
     # ----------------------------------------------------------------- cache protocol
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
-        """Allocate the latent cache ``[batch_size, max_seq_len, d_c + d_r]`` and enable it."""
+        """Allocate the latent cache (``[batch_size, max_seq_len, d_c + d_r]`` in ``dtype``, or the fp8 rows of
+        :class:`MLAKVCache` with ``kv_cache_dtype="fp8_e4m3"``) and enable it."""
         if self.kv_cache is not None:
             return  # like Torchtune: a second call keeps the existing cache
         device = self.kv_b_proj.weight.device
         with torch.device("cpu" if device.type == "meta" else device):
-            self.kv_cache = MLAKVCache(batch_size, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype)
+            self.kv_cache = MLAKVCache(
+                batch_size, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, self.kv_cache_dtype
+            )
         self.cache_enabled = True
 
     def reset_cache(self) -> None:
@@ -237,9 +246,13 @@ class MultiHeadLatentAttention(nn.Module):
                 # A prefill chunk: expanding the filled prefix once and running SDPA over it beats the absorbed
                 # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill.
                 filled = self.kv_cache.size
-                out = self._expanded_attention(q_nope, q_pe, c_kv[:b, :filled], k_pe[:b, :filled], mask[..., :filled])
+                c_kv, k_pe = self.kv_cache.dequantized(b, filled)
+                out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask[..., :filled])
             else:
-                out = self._absorbed_attention(q_nope, q_pe, c_kv[:b], k_pe[:b], mask)
+                scale = self.kv_cache.c_kv_scale
+                out = self._absorbed_attention(
+                    q_nope, q_pe, c_kv[:b], k_pe[:b], mask, c_kv_scale=None if scale is None else scale[:b]
+                )
         else:
             out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask)
         return self.output_proj(out.reshape(b, s_x, self.num_heads * self.v_head_dim))
@@ -256,11 +269,13 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv: torch.Tensor,
         k_pe: torch.Tensor,
         mask: torch.Tensor,
+        c_kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention against the latent cache; returns ``[b, s_x, n_h, d_v]``.
 
         ``q_nope [b, s, n_h, d_n]``, ``q_pe [b, s, n_h, d_r]``, ``c_kv [b, t, d_c]``, ``k_pe [b, t, d_r]``,
-        ``mask [b, s, t]`` (True = attend).
+        ``mask [b, s, t]`` (True = attend); an fp8 cache passes its e4m3 ``c_kv``, bf16 ``k_pe`` and fp32
+        ``c_kv_scale [b, t, d_c / 128]``.
         """
         w_uk, w_uv = self._kv_b_weights()
         q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
@@ -268,9 +283,9 @@ class MultiHeadLatentAttention(nn.Module):
             q_latent.shape[1] <= TRITON_DECODE_MAX_QUERIES
             and resolve_backend(self.kernel_backend, q_latent.device) == "triton"
         ):
-            out_latent = self._triton_latent_decode(q_latent, q_pe, c_kv, k_pe, mask)
+            out_latent = self._triton_latent_decode(q_latent, q_pe, c_kv, k_pe, mask, c_kv_scale)
         else:
-            out_latent = absorbed_attention_torch(q_latent, q_pe, c_kv, k_pe, mask, self.softmax_scale)
+            out_latent = absorbed_attention_torch(q_latent, q_pe, c_kv, k_pe, mask, self.softmax_scale, c_kv_scale)
         return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
 
     def _triton_latent_decode(
@@ -280,6 +295,7 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv: torch.Tensor,
         k_pe: torch.Tensor,
         mask: torch.Tensor,
+        c_kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The fused flash-decode kernel over the cache: ``q_latent [b, s, n_h, d_c]`` -> ``[b, s, n_h, d_c]``.
 
@@ -298,6 +314,7 @@ class MultiHeadLatentAttention(nn.Module):
             k_pe,
             seq_lens,
             self.softmax_scale,
+            c_kv_scale=c_kv_scale,
             key_mask=mask,
         )
         return out.view(b, s, n_h, d_c)

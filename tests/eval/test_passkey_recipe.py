@@ -96,3 +96,24 @@ def test_bad_config_fails_before_loading_weights(passkey_cfg, overrides, message
     cfg = OmegaConf.merge(passkey_cfg, overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         run(cfg, load_model=_must_not_load)
+
+
+def test_fp8_cache_compare_run_reports_the_allocated_bytes_of_each_cache(passkey_cfg):
+    """One checkpoint twice in compare mode, with the bf16 and the fp8 latent cache (``model.kv_cache_dtype``): the
+    report's bytes are the allocated ones, 4 layers x 576 x 4 B (fp32 run) vs 4 layers x 656 B per token."""
+    single = passkey_cfg.checkpointer
+    model = OmegaConf.to_container(passkey_cfg.model)
+    passkey_cfg.checkpointer = OmegaConf.create(
+        [
+            {"name": "bf16_cache", "checkpointer": single},
+            {"name": "fp8_cache", "checkpointer": single, "model": {**model, "kv_cache_dtype": "fp8_e4m3"}},
+        ]
+    )
+    cfg = OmegaConf.merge(passkey_cfg, {"context_lengths": [400], "depths": [0.5], "trials_per_cell": 1})
+    paths = run(cfg)
+    bf16, fp8 = json.loads(paths["json"].read_text())["models"]
+    assert (bf16["kv_cache_dtype"], fp8["kv_cache_dtype"]) == ("bf16", "fp8_e4m3")
+    tokens = bf16["trials"][0]["prompt_tokens"] + SMALL_GRID["max_new_tokens"]
+    assert bf16["lengths"][0]["kv_cache_bytes"] == 4 * 576 * 4 * tokens
+    assert fp8["lengths"][0]["kv_cache_bytes"] == 4 * 656 * tokens
+    assert "fp8_e4m3" in paths["summary"].read_text().splitlines()[1]

@@ -13,8 +13,13 @@ from tests._requirements import require_module
 
 require_module("triton", 'pip install -e ".[triton]"')
 
-from mla_kernels.mla_decode import DecodeConfig, choose_num_splits, mla_decode  # noqa: E402
-from mla_kernels.reference import mla_decode_reference  # noqa: E402
+from mla_kernels.mla_decode import DecodeConfig, choose_num_splits, decode_bytes, mla_decode  # noqa: E402
+from mla_kernels.reference import (  # noqa: E402
+    FP8_GROUP_SIZE,
+    dequantize_latent_fp8,
+    mla_decode_reference,
+    quantize_latent_fp8,
+)
 
 # Small tiles so that short sequences still cover several tiles and splits.
 SMALL = DecodeConfig(block_n=16, min_split_tokens=16)
@@ -190,3 +195,132 @@ def test_block_table_and_key_mask_must_be_on_the_inputs_device(device):
     with pytest.raises(ValueError, match="one device"):
         table = torch.zeros(2, 1, dtype=torch.int32, device=other)
         mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=table)
+
+
+# ---------------------------------------------------------------------------------------------- FP8 latent cache
+def fp8_rows(c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashMLA's rows (e4m3 latent, fp32 group scales, bf16 rope key) in one uint8 buffer, as ``MLAKVCache``
+    stores them; returns the strided views ``(c_kv e4m3, c_kv_scale fp32, k_pe bf16)``."""
+    values, scale = quantize_latent_fp8(c_kv)
+    rope = k_pe.to(torch.bfloat16).contiguous()
+    rows = torch.cat([values.view(torch.uint8), scale.view(torch.uint8), rope.view(torch.uint8)], dim=-1)
+    d_c, groups = c_kv.shape[-1], scale.shape[-1]
+    return (
+        rows[..., :d_c].view(torch.float8_e4m3fn),
+        rows[..., d_c : d_c + 4 * groups].view(torch.float32),
+        rows[..., d_c + 4 * groups :].view(torch.bfloat16),
+    )
+
+
+def test_fp8_quantisation_error_is_within_half_an_e4m3_step():
+    """Round to nearest with 3 mantissa bits: |error| <= 2^-4 |x| for normal e4m3 values, plus half the subnormal
+    step (2^-10 in scaled units) near zero; each group's largest magnitude is exact (it maps to 448)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 50, 512, generator=gen) * torch.logspace(-3, 2, 50)[None, :, None]
+    x[0, 0, :128] = 0.0  # an all-zero group: scale 1, values 0
+    values, scale = quantize_latent_fp8(x)
+    assert values.dtype == torch.float8_e4m3fn and scale.shape == (3, 50, 4) and scale.dtype == torch.float32
+    back = dequantize_latent_fp8(values, scale, torch.float32)
+    per_value_scale = scale.repeat_interleave(FP8_GROUP_SIZE, dim=-1)
+    bound = 2.0**-4 * x.abs() + 2.0**-10 * per_value_scale
+    assert ((back - x).abs() <= bound * (1 + 1e-6)).all()
+    groups = x.unflatten(-1, (4, 128)).abs()
+    top = groups.argmax(-1, keepdim=True)
+    torch.testing.assert_close(
+        back.unflatten(-1, (4, 128)).abs().gather(-1, top), groups.gather(-1, top), rtol=1e-6, atol=0
+    )
+    assert torch.equal(back[0, 0, :128], torch.zeros(128))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        quantize_latent_fp8(torch.randn(2, 96))
+
+
+@pytest.mark.parametrize("heads", [1, 16])
+@pytest.mark.parametrize("splits", [1, 3], ids=["one_split", "three_splits"])
+def test_fp8_cache_in_656_byte_rows_matches_the_reference(poisoned, device, heads, splits):
+    """e4m3 latent + per-group scales + bf16 rope, strided views of one 656-byte row per token: the kernel
+    dequantises in its loads; the fp64 reference dequantises up front. Same arithmetic, so the fp32 tolerance."""
+    lens = torch.tensor([1, 45, 64], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(3, heads, 512, 64, 3, 64, device, seed=8)
+    c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    assert c8.stride(1) * c8.element_size() == 656 and scale.stride(1) == 164 and k_pe16.stride(1) == 328
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=splits, config=SMALL)
+    want = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale)
+    check(got, want, atol=2e-5)
+
+
+def test_fp8_latent_of_three_groups_pads_to_four(poisoned, device):
+    """d_c = 384: the tile is 512 wide, so the fourth scale group is masked off."""
+    lens = torch.tensor([70, 9], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 384, 32, 2, 70, device, seed=12)
+    c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=SMALL)
+    check(got, mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale), atol=2e-5)
+
+
+def test_fp8_paged_cache_with_a_key_mask(poisoned, device):
+    gen = torch.Generator().manual_seed(9)
+    page_size, max_blocks, rows = 16, 3, 2
+    num_blocks = rows * max_blocks + 1
+    q_latent, q_pe, _, _ = make_inputs(rows, 5, 128, 16, 1, 1, device, seed=10)
+    pages = torch.randn(num_blocks, page_size, 128 + 16, generator=gen).to(device)
+    c8, scale, k_pe16 = fp8_rows(pages[..., :128], pages[..., 128:])
+    block_table = torch.randperm(num_blocks, generator=gen)[: rows * max_blocks].view(rows, max_blocks)
+    block_table = block_table.to(device=device, dtype=torch.int32)
+    mask = torch.ones(rows, 1, 48, dtype=torch.bool)
+    mask[1, :, :5] = False
+    mask = mask.to(device)
+    lens = torch.tensor([30, 48], dtype=torch.int32, device=device)
+    kwargs = dict(c_kv_scale=scale, block_table=block_table, key_mask=mask)
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, num_splits=2, config=SMALL, **kwargs)
+    check(got, mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.3, **kwargs), atol=2e-5)
+
+
+def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, device):
+    """16-bit queries over the fp8 cache vs the fp64 attention over the original (unquantised) values: the output
+    error stays within the e4m3 round-off of the values it averages (<= 2^-4 relative each, see the test above).
+
+    bf16 on CUDA; fp16 under the interpreter, whose ``tl.dot`` multiplies bf16 operands' raw bit patterns (Triton
+    3.6.0: a 16x16 bf16 ``tl.dot`` is off by ~3e10; fp16 and e4m3 operands are exact)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    lens = torch.tensor([200, 77], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, 512, 64, 2, 200, device, seed=11)
+    q_latent, q_pe = (q_latent * 0.05).to(dtype), q_pe.to(dtype)
+    c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=SMALL)
+    ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.1)
+    assert out.dtype == dtype
+    rel = (out.double().cpu() - ref_out.cpu()).norm() / ref_out.cpu().norm()
+    assert rel < 2.0**-4, rel
+
+
+def test_fp8_bad_inputs_raise_before_launch(device):
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 4, 128, 16, 2, 16, device)
+    c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    lens = torch.tensor([3, 4], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="needs its c_kv_scale"):
+        mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3)
+    with pytest.raises(ValueError, match="must be float8_e4m3fn"):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, c_kv_scale=scale)
+    with pytest.raises(ValueError, match="c_kv_scale must be"):
+        mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, c_kv_scale=scale[:, :8])
+
+
+def test_fp8_decode_bytes_are_flashmla_rows():
+    assert decode_bytes(1000, 0, 16, 512, 64, 2, fp8_cache=True) == 656 * 1000
+    assert decode_bytes(1000, 0, 16, 512, 64, 2) == 1152 * 1000
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads", [16, 128])
+def test_fp8_real_shapes_on_gpu(heads):
+    """DeepSeek-V3 widths in FlashMLA's 656-byte rows, bf16 queries, ragged lengths up to 9k, auto splits."""
+    device = torch.device("cuda")
+    lens = torch.tensor([9001, 1, 4096, 777], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(4, heads, 512, 64, 4, 9024, device, dtype=torch.bfloat16, seed=7)
+    c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale)
+    ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-3)

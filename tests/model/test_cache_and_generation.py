@@ -131,12 +131,12 @@ def test_1b_cache_bytes_per_token_are_the_documented_numbers():
 
 def test_kv_cache_report_prints_the_readme_table():
     """``python -m mla_components.kv_cache_report``: the table of the README, rows measured (MHA: 2 x 16 heads x
-    128 x 16 layers x 2 bytes)."""
+    128 x 16 layers x 2 bytes; fp8 MLA: 16 layers x 656-byte rows)."""
     table = kv_cache_report_main([]).splitlines()
     rows = {line.split()[0]: line.split() for line in table[2:]}
-    assert list(rows) == ["mla_1b", "gqa_1b", "mha_1b"]
-    assert [rows[m][1] for m in rows] == ["18,432", "32,768", "131,072"]
-    assert rows["mha_1b"][-1] == "7.11x" and rows["gqa_1b"][-1] == "1.78x"
+    assert list(rows) == ["mla_1b", "mla_1b_fp8", "gqa_1b", "mha_1b"]
+    assert [rows[m][1] for m in rows] == ["18,432", "10,496", "32,768", "131,072"]
+    assert rows["mha_1b"][-1] == "7.11x" and rows["gqa_1b"][-1] == "1.78x" and rows["mla_1b_fp8"][-1] == "0.57x"
     assert rows["mla_1b"][4:6] == ["2.2", "GiB"]  # at 128k tokens
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert all(line.rstrip() in readme for line in table), "README's KV-cache table is out of date"

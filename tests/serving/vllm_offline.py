@@ -2,7 +2,8 @@
 
     .venv-vllm/bin/python tests/serving/vllm_offline.py request.json result.json
 
-request.json: {"runs": [{"model": DIR, "dtype": "float32", "quantization": null}], "prompts": [[ids], ...],
+request.json: {"runs": [{"model": DIR, "dtype": "float32", "quantization": null, "kv_cache_dtype": "auto"}],
+"prompts": [[ids], ...],
 "max_tokens": N}. result.json: one entry per run: {"token_ids": [[...], ...], "logprobs": [[...], ...]} holding, for
 each prompt, the generated ids and the log-probability vLLM gave each of them.
 """
@@ -20,6 +21,7 @@ def generate(run: dict, prompts: list[list[int]], max_tokens: int) -> dict:
         model=run["model"],
         dtype=run["dtype"],
         quantization=run.get("quantization"),
+        kv_cache_dtype=run.get("kv_cache_dtype", "auto"),
         max_model_len=1024,
         max_num_seqs=len(prompts),
         enforce_eager=True,  # no graph compilation: seconds instead of minutes on a small CPU

@@ -123,8 +123,15 @@ def test_mla_tune_run_resolves_project_config_names():
         ("mla_tiny/sft_distributed", "model.qk_rope_head_dim=63", "model", "qk_rope_head_dim"),
         ("mla_tiny/sft_distributed", "dataset.context_tokens=100", "dataset", "set context_tokens >= "),
         ("mla_1b/sft_distributed", "tokenizer.path=/nonexistent/tokenizer.model", "tokenizer", "/nonexistent"),
+        ("mla_tiny/passkey_eval", "model.kv_cache_dtype=fp8", "model", "kv_cache_dtype must be one of"),
     ],
-    ids=["unknown_component", "dims_that_do_not_fit", "needle_longer_than_context", "missing_tokenizer_file"],
+    ids=[
+        "unknown_component",
+        "dims_that_do_not_fit",
+        "needle_longer_than_context",
+        "missing_tokenizer_file",
+        "unknown_cache_dtype",
+    ],
 )
 def test_mla_tune_validate_names_the_field(config, override, field, detail):
     """``mla-tune validate`` (also run by ``mla-tune run`` before ``tune run``) refuses each kind of bad config in

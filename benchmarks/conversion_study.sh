@@ -28,9 +28,11 @@ fi
 if [ "$stage" = heal ]; then
   for rank in ${HEAL_RANKS:-256}; do
     if [ ! -f "$work/heal_mla_$rank/epoch_1/config.json" ]; then
-      stamp "heal $rank"
+      resume=False
+      [ -f "$work/heal_mla_$rank/epoch_0/recipe_state.pt" ] && resume=True
+      stamp "heal $rank (resume=$resume)"
       "${tune[@]}" mla_recipes/distill_full.py --config configs/smollm2_135m/heal_mla_$rank.yaml \
-        device=cuda dtype=bf16 ${HEAL_ARGS:-}
+        device=cuda dtype=bf16 resume_from_checkpoint=$resume ${HEAL_ARGS:-}
     fi
     cp "$work"/heal_mla_$rank/logs/log_*.txt "$results/heal_mla_${rank}_log.txt"
   done

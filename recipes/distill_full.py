@@ -7,7 +7,9 @@ every attention weight (the latent projections, their norm), so this recipe trai
 matching ``trainable`` patterns) with the same pieces: ``config.instantiate`` for the models, checkpointers,
 dataset, optimizer and losses, Torchtune's ``ForwardKLLoss``, its LR schedulers and metric loggers.
 
-Loss per step: ``kd_ratio * KL(teacher || student) + (1 - kd_ratio) * CE(labels)`` over every supervised token.
+Loss per step: ``kd_ratio * H(teacher, student) + (1 - kd_ratio) * CE(labels)`` over every supervised token,
+with ``H`` Torchtune's ``ForwardKLLoss`` (the soft cross-entropy); ``kl`` in the logs subtracts the teacher's
+entropy, so it is the divergence itself, the number healing drives toward 0.
 Checkpoints: the student's checkpointer (``AtomicHFCheckpointer``) writes ``output_dir/epoch_N`` after each epoch,
 with the optimizer, LR schedule and data position for ``resume_from_checkpoint=True``.
 """
@@ -27,8 +29,10 @@ from torchtune.data import padded_collate_sft
 log = utils.get_logger("INFO")
 
 
-def _load_model(cfg_model: DictConfig, cfg_checkpointer: DictConfig, device: torch.device, dtype: torch.dtype):
-    checkpointer = config.instantiate(cfg_checkpointer)
+def _load_model(
+    cfg_model: DictConfig, cfg_checkpointer: DictConfig, device: torch.device, dtype: torch.dtype, **checkpointer_args
+):
+    checkpointer = config.instantiate(cfg_checkpointer, **checkpointer_args)
     state = checkpointer.load_checkpoint()
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(cfg_model)
@@ -54,7 +58,13 @@ class FullKDRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         training.set_seed(cfg.get("seed", 0))
-        self.student, self.checkpointer, state = _load_model(cfg.model, cfg.checkpointer, self.device, self.dtype)
+        self.student, self.checkpointer, state = _load_model(
+            cfg.model,
+            cfg.checkpointer,
+            self.device,
+            self.dtype,
+            should_load_recipe_state=bool(cfg.get("resume_from_checkpoint", False)),
+        )
         self.teacher, _, _ = _load_model(cfg.teacher_model, cfg.teacher_checkpointer, self.device, self.dtype)
         self.teacher.eval().requires_grad_(False)
         patterns = list(cfg.get("trainable") or ["*"])
@@ -101,19 +111,24 @@ class FullKDRecipe:
             self.student = torch.compile(self.student)
             self.teacher = torch.compile(self.teacher)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         tokens = batch["tokens"].to(self.device)
         labels = torch.cat([batch["labels"][:, 1:], torch.full_like(batch["labels"][:, :1], -100)], 1)
         labels = labels.to(self.device)
         with torch.no_grad():
             teacher_logits = self.teacher(tokens)
         logits = self.student(tokens)
-        supervised = int((labels != -100).sum())
-        loss = self.kd_ratio * self.kd_loss(logits, teacher_logits, labels)
+        mask = labels != -100
+        supervised = int(mask.sum())
+        soft_ce = self.kd_loss(logits, teacher_logits, labels)  # -sum p_teacher log p_student, per token
+        with torch.no_grad():  # minus the teacher's entropy: the KL itself, which healing drives to 0
+            log_p = torch.log_softmax(teacher_logits.float(), -1)
+            entropy = -(log_p.exp() * log_p).sum(-1)[mask].mean()
+        loss = self.kd_ratio * soft_ce
         if self.kd_ratio < 1.0:
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
             loss = loss + (1.0 - self.kd_ratio) * ce
-        return loss, supervised
+        return loss, soft_ce.detach() - entropy, supervised
 
     def train(self) -> None:
         cfg = self.cfg
@@ -124,7 +139,7 @@ class FullKDRecipe:
             started, tokens_seen, step_in_epoch = time.perf_counter(), 0, 0
             self.optimizer.zero_grad(set_to_none=True)
             for index, batch in enumerate(self.loader):
-                loss, supervised = self._loss(batch)
+                loss, kl, supervised = self._loss(batch)
                 (loss / self.grad_accum).backward()
                 tokens_seen += supervised
                 if (index + 1) % self.grad_accum:
@@ -141,6 +156,7 @@ class FullKDRecipe:
                     elapsed = time.perf_counter() - started
                     metrics = {
                         "loss": loss.item(),
+                        "kl": kl.item(),
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "tokens_per_second": tokens_seen / max(elapsed, 1e-9),
                         "tokens_seen_epoch": tokens_seen,

@@ -1,7 +1,7 @@
 """The conversion run behind ``recipes/convert_to_mla.py``: origin in, calibrated MLA checkpoint and report out.
 
 Config fields (``configs/smollm2_135m/convert_mla_256.yaml`` documents each): ``origin.source``, ``kv_lora_rank``,
-``qk_rope_head_dim``, ``latent_whitening``, ``calibration.{sequences, seq_len, seed}``, ``heldout.{sequences,
+``qk_rope_head_dim``, ``latent_whitening``, ``norm_stabilizer_dims``, ``calibration.{sequences, seq_len, seed}``, ``heldout.{sequences,
 seq_len}``, ``max_seq_len``, ``output_dir``, ``origin_output_dir``, ``device``.
 """
 
@@ -156,7 +156,8 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
         calibration,
         kv_lora_rank=kv_lora_rank,
         qk_rope_head_dim=rope_dim,
-        whitening=cfg.get("latent_whitening", 0.5),
+        whitening=cfg.get("latent_whitening", 0.0),
+        stabilizer_dims=cfg.get("norm_stabilizer_dims", 0),
         max_seq_len=cfg.get("max_seq_len"),
     )
     student, tune_state = converted_model(result)

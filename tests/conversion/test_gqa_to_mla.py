@@ -71,15 +71,29 @@ def tiny_llama(transformers, seed: int = 0, collinear_at: list[int] | None = Non
     return model
 
 
-def calibration(seed: int = 0) -> list[LayerCalibration]:
-    gen = torch.Generator().manual_seed(seed)
-    samples = torch.randn(512, HIDDEN, generator=gen)
-    return [LayerCalibration(samples.double().T @ samples.double() / len(samples), samples) for _ in range(LAYERS)]
+def calibration(origin, seed: int = 0) -> list[LayerCalibration]:
+    """Second moments and samples of each layer's attention input on random tokens (not the test's tokens)."""
+    inputs = [[] for _ in range(LAYERS)]
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda m, a, out, i=i: inputs[i].append(out.reshape(-1, HIDDEN)))
+        for i, layer in enumerate(origin.model.layers)
+    ]
+    with torch.no_grad():
+        origin(torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(seed)))
+    for hook in hooks:
+        hook.remove()
+    samples = [torch.cat(x) for x in inputs]
+    return [LayerCalibration(x.double().T @ x.double() / len(x), x) for x in samples]
 
 
-def converted(transformers, origin, *, rank: int, rope: int, keep_norm: bool = False):
+def converted(transformers, origin, *, rank: int, rope: int, keep_norm: bool = False, stabilizer: int = 0):
     result = convert_llama_to_mla(
-        origin.config.to_dict(), origin.state_dict(), calibration(), kv_lora_rank=rank, qk_rope_head_dim=rope
+        origin.config.to_dict(),
+        origin.state_dict(),
+        calibration(origin),
+        kv_lora_rank=rank,
+        qk_rope_head_dim=rope,
+        stabilizer_dims=stabilizer,
     )
     mla = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**result.config.to_hf_config())).eval()
     missing, unexpected = mla.load_state_dict(result.hf_state_dict, strict=False)
@@ -131,11 +145,22 @@ def test_a_rope_dim_dividing_the_head_dim_keeps_the_origin_frequencies_exactly(t
     assert relative_error(mla, rotating, TOKENS) > 1e-3
 
 
-def test_the_latent_rmsnorm_is_approximated_and_a_narrower_latent_loses_more(transformers):
+def test_norm_stabilisers_make_the_latent_rmsnorm_nearly_linear(transformers):
     origin = tiny_llama(transformers, collinear_at=list(range(HEAD_DIM // 2)))
     full_width = 2 * KV_HEADS * HEAD_DIM - HEAD_DIM
-    with_norm, _ = converted(transformers, origin, rank=full_width, rope=HEAD_DIM, keep_norm=True)
-    assert 1e-5 < relative_error(with_norm, origin, TOKENS) < 0.5
+    plain, plain_result = converted(transformers, origin, rank=full_width + 16, rope=HEAD_DIM, keep_norm=True)
+    stable, stable_result = converted(
+        transformers, origin, rank=full_width + 16, rope=HEAD_DIM, keep_norm=True, stabilizer=16
+    )
+    plain_error, stable_error = relative_error(plain, origin, TOKENS), relative_error(stable, origin, TOKENS)
+    assert plain_result.summary()["mean_latent_rms_cv"] > 0.05
+    assert stable_result.summary()["mean_latent_rms_cv"] < 0.02
+    assert stable_error < plain_error / 2, (stable_error, plain_error)
+
+
+def test_a_narrower_latent_loses_more(transformers):
+    origin = tiny_llama(transformers, collinear_at=list(range(HEAD_DIM // 2)))
+    full_width = 2 * KV_HEADS * HEAD_DIM - HEAD_DIM
     errors = []
     for rank in (8, 24, full_width):
         mla, result = converted(transformers, origin, rank=rank, rope=HEAD_DIM)

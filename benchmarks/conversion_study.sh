@@ -15,7 +15,7 @@ mkdir -p "$results"
 stamp() { echo "[$(date +%T)] $*"; }
 
 if [ "$stage" = convert ]; then
-  for rank in 512 256; do
+  for rank in ${CONVERT_RANKS:-512 256}; do
     if [ ! -f "$work/mla_$rank/conversion_report.json" ]; then
       stamp "convert $rank"
       "${tune[@]}" mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_$rank.yaml \
@@ -41,10 +41,14 @@ fi
 if [ "$stage" = evaluate ]; then
   stamp "held-out perplexity and KL"
   python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device cuda --sequences 16 --seq-len 1024 \
-    --checkpoint mla_512_converted="$work/mla_512/model" --checkpoint mla_256_converted="$work/mla_256/model" \
-    --checkpoint mla_256_healed="$work/heal_mla_256/epoch_1" > "$results/heldout.json"
-  stamp "passkey 1k-4k"
+    --checkpoint mla_256_converted="$work/mla_256/model" --checkpoint mla_256_healed="$work/heal_mla_256/epoch_1" \
+    > "$results/heldout.json"
+  stamp "passkey 1k-8k, standard Landmark prompt (evaluation-only)"
   "${tune[@]}" mla_recipes/passkey_eval.py --config configs/smollm2_135m/passkey_eval_compare.yaml \
-    device=cuda dtype=bf16 output_dir="$results/passkey" ${EVAL_ARGS:-}
+    device=cuda dtype=bf16 output_dir="$results/passkey_landmark" prompt_format=landmark \
+    "context_lengths=[1024,2048,4096,8000]" trials_per_cell=2 progress=False ${EVAL_ARGS:-}
+  stamp "passkey 1k-4k, the project's eval-split templates in the chat format"
+  "${tune[@]}" mla_recipes/passkey_eval.py --config configs/smollm2_135m/passkey_eval_compare.yaml \
+    device=cuda dtype=bf16 output_dir="$results/passkey_chat" progress=False ${EVAL_ARGS:-}
 fi
 stamp "done: $stage"

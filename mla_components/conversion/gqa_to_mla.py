@@ -273,7 +273,8 @@ def convert_layer(
     decode = decode @ white_inv  # [width, rank]: z ~ decode c
     free = kv_lora_rank - rank
     if free and stabilizer_dims:
-        extra = norm_stabilizer(calibration.samples.to(f64) @ w_latent.T, calibration.samples, min(free, stabilizer_dims))
+        content = calibration.samples.to(f64) @ w_latent.T
+        extra = norm_stabilizer(content, calibration.samples, min(free, stabilizer_dims))
         w_latent = torch.cat([w_latent, extra])
         decode = torch.cat([decode, torch.zeros(decode.shape[0], extra.shape[0], dtype=f64)], 1)
         rank = w_latent.shape[0]

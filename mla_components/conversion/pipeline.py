@@ -1,8 +1,8 @@
 """The conversion run behind ``recipes/convert_to_mla.py``: origin in, calibrated MLA checkpoint and report out.
 
 Config fields (``configs/smollm2_135m/convert_mla_256.yaml`` documents each): ``origin.source``, ``kv_lora_rank``,
-``qk_rope_head_dim``, ``latent_whitening``, ``norm_stabilizer_dims``, ``calibration.{sequences, seq_len, seed}``, ``heldout.{sequences,
-seq_len}``, ``max_seq_len``, ``output_dir``, ``origin_output_dir``, ``device``.
+``qk_rope_head_dim``, ``latent_whitening``, ``norm_stabilizer_dims``, ``calibration.{sequences, seq_len, seed}``,
+``heldout.{sequences, seq_len}``, ``max_seq_len``, ``output_dir``, ``origin_output_dir``, ``device``.
 """
 
 from __future__ import annotations

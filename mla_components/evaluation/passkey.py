@@ -37,6 +37,8 @@ from mla_components.evaluation.report import ModelResult, write_report
 from mla_components.evaluation.scoring import extract_value, is_correct
 from mla_components.kv_cache_report import allocated_kv_cache_bytes
 
+PROMPT_FORMATS = ("chat", "landmark")
+
 
 @dataclass(frozen=True)
 class PasskeyGrid:
@@ -50,6 +52,8 @@ class PasskeyGrid:
         seed: base seed of every trial's needle.
         max_new_tokens: greedy tokens generated per trial.
         prefill_chunk: prompt tokens per prefill forward pass.
+        prompt_format: ``chat`` (the project's haystack generator, eval split, in the model's chat template) or
+            ``landmark`` (the standard Landmark-Attention passkey prompt, plain text; ``needle_kind`` passkey).
 
     Raises:
         ValueError: naming the field, for an empty or non-positive length list, a depth outside [0, 1], or a
@@ -63,8 +67,15 @@ class PasskeyGrid:
     seed: int = 0
     max_new_tokens: int = 16
     prefill_chunk: int = 512
+    prompt_format: str = "chat"
 
     def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.prompt_format == "landmark" and self.needle_kind != "passkey":
+            raise ValueError(
+                f"prompt_format=landmark asks for a pass key: needle_kind must be passkey, got {self.needle_kind!r}"
+            )
         if not self.context_lengths or any(not isinstance(n, int) or n <= 0 for n in self.context_lengths):
             raise ValueError(
                 f"context_lengths must be a non-empty list of positive integers, got {self.context_lengths}"
@@ -96,6 +107,7 @@ class PasskeyGrid:
             seed=int(cfg.get("seed", 0)),
             max_new_tokens=int(cfg.get("max_new_tokens", 16)),
             prefill_chunk=int(cfg.get("prefill_chunk", 512)),
+            prompt_format=str(cfg.get("prompt_format", "chat")),
         )
 
 
@@ -134,14 +146,19 @@ class Trial:
 
 def make_trials(tokenizer: Any, grid: PasskeyGrid) -> list[Trial]:
     """Every prompt of the grid, in (length, depth, trial) order, from the training data's haystack code with the
-    evaluation split (templates and seeds disjoint from training)."""
+    evaluation split (templates and seeds disjoint from training), or the standard Landmark prompt."""
     from mla_components.data import make_needle_sample, needle_prompt_tokens
+    from mla_components.evaluation.landmark import landmark_sample
 
     trials = []
     for length in grid.context_lengths:
         for depth in grid.depths:
             for index in range(grid.trials_per_cell):
                 seed = trial_seed(grid.seed, length, depth, index)
+                if grid.prompt_format == "landmark":
+                    prompt, sample = landmark_sample(tokenizer, context_tokens=length, depth=depth, seed=seed)
+                    trials.append(Trial(length, depth, index, seed, prompt, sample))
+                    continue
                 sample = make_needle_sample(
                     tokenizer, context_tokens=length, depth=depth, kind=grid.needle_kind, seed=seed, split="eval"
                 )

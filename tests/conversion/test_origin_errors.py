@@ -81,12 +81,11 @@ def test_hf_directory_without_tokenizer_json(tmp_path, no_heavy_work):
     [
         ({"model_type": "gpt2"}, r"config\.json model_type 'gpt2' is not supported"),
         ({"model_type": "mistral", "sliding_window": 4096}, r"model_type 'mistral' is not supported"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, r"rope_type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 1e4}}, r"rope_type 'dynamic'"),
         ({"attention_bias": True}, r"attention_bias=true is not supported"),
     ],
 )
 def test_hf_directory_with_unsupported_config(tmp_path, edit, message):
-    pytest.importorskip("transformers")
     directory = tmp_path / "bad"
     directory.mkdir()
     base = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1}

@@ -189,9 +189,15 @@ def norm_stabilizer(content: torch.Tensor, inputs: torch.Tensor, dims: int, step
     """Rows ``B [dims, d]`` for extra latent dimensions ``B x`` that make ``||c||^2 + ||B x||^2`` as constant as
     possible over the calibration tokens (``content`` = ``c [n, r]``, ``inputs`` = ``x [n, d]``), so that the
     latent RMSNorm divides every token by nearly the same number. ``kv_b_proj`` ignores these dimensions.
+
+    The rows live in the span of the inputs' top ``n // 8`` principal directions, so that few calibration tokens
+    cannot be fitted by rows that do nothing useful on other text.
     """
     x = inputs.to(torch.float64)
     energy = content.to(torch.float64).pow(2).sum(-1)
+    _, _, directions = torch.linalg.svd(x, full_matrices=False)
+    basis = directions[: max(1, min(x.shape[1], x.shape[0] // 8))]  # [k, d]
+    x = x @ basis.T
     scale = energy.mean().sqrt() / x.pow(2).sum(-1).mean().sqrt()
     generator = torch.Generator().manual_seed(0)
     rows = (0.1 * scale * torch.randn(dims, x.shape[1], generator=generator, dtype=torch.float64)).requires_grad_()
@@ -202,7 +208,7 @@ def norm_stabilizer(content: torch.Tensor, inputs: torch.Tensor, dims: int, step
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return rows.detach()
+    return rows.detach() @ basis
 
 
 def convert_layer(
@@ -313,6 +319,21 @@ def convert_layer(
     return out, LayerReport(rope_energy, latent_energy, rms_cv)
 
 
+def identity_yarn(original_max_position_embeddings: int) -> dict[str, Any]:
+    """YaRN with factor 1: exactly plain RoPE (same frequencies, attention factor and softmax scale 1). Converted
+    models carry it instead of ``rope_scaling: null`` because vLLM's CPU MLA path computes plain RoPE wrongly (its
+    greedy tokens diverge from transformers' and ours) while its YaRN path matches, and because a later context
+    extension only has to raise ``factor``."""
+    return {
+        "factor": 1.0,
+        "original_max_position_embeddings": int(original_max_position_embeddings),
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+
+
 def mla_config_for(
     origin_config: dict[str, Any], kv_lora_rank: int, qk_rope_head_dim: int, max_seq_len: int | None = None
 ) -> MLAConfig:
@@ -331,7 +352,7 @@ def mla_config_for(
         qk_rope_head_dim=qk_rope_head_dim,
         v_head_dim=shape.head_dim,
         rope_base=shape.rope_theta,
-        rope_scaling=None,
+        rope_scaling=identity_yarn(max_seq_len or origin_config.get("max_position_embeddings", 8192)),
         norm_eps=origin_config.get("rms_norm_eps", 1e-5),
         tie_word_embeddings=bool(origin_config.get("tie_word_embeddings", False)),
     )
@@ -386,4 +407,4 @@ def convert_llama_to_mla(
         out.update({prefix + k: origin_state[prefix + k] for k in _CARRIED})
         reports.append(report)
     _, exact = rope_frequency_map(shape.head_dim, qk_rope_head_dim)
-    return ConversionResult(config, out, reports, exact)
+    return ConversionResult(config, out, reports, exact and not origin_config.get("rope_scaling"))

@@ -58,13 +58,15 @@ def token_windows(tokenizer: Any, split: str, count: int, seq_len: int, seed: in
 
 @torch.no_grad()
 def calibrate(
-    model: TransformerDecoder, tokens: torch.Tensor, samples_per_sequence: int = 64, seed: int = 0
+    model: TransformerDecoder, tokens: torch.Tensor, samples: int = 8192, seed: int = 0
 ) -> list[LayerCalibration]:
     """Run the origin on ``tokens [n, s]`` and collect, per layer, ``E[x x^T]`` of the attention input (the
-    output of the layer's ``sa_norm``) and ``samples_per_sequence`` random rows of it per sequence."""
+    output of the layer's ``sa_norm``) and about ``samples`` of its rows, drawn evenly over the sequences (all of
+    them when there are fewer)."""
+    samples_per_sequence = -(-samples // len(tokens))
     generator = torch.Generator().manual_seed(seed)
     moments: list[torch.Tensor | None] = [None] * len(model.layers)
-    samples: list[list[torch.Tensor]] = [[] for _ in model.layers]
+    kept: list[list[torch.Tensor]] = [[] for _ in model.layers]
     counted = 0
 
     def hook(index: int):
@@ -73,7 +75,7 @@ def calibrate(
             moment = x.T @ x
             moments[index] = moment if moments[index] is None else moments[index] + moment
             rows = torch.randperm(x.shape[0], generator=generator)[:samples_per_sequence]
-            samples[index].append(output.reshape(-1, output.shape[-1])[rows.to(output.device)].float().cpu())
+            kept[index].append(output.reshape(-1, output.shape[-1])[rows.to(output.device)].float().cpu())
 
         return collect
 
@@ -86,7 +88,7 @@ def calibrate(
     finally:
         for handle in handles:
             handle.remove()
-    return [LayerCalibration((m / counted).cpu(), torch.cat(s)) for m, s in zip(moments, samples, strict=True)]
+    return [LayerCalibration((m / counted).cpu(), torch.cat(s)) for m, s in zip(moments, kept, strict=True)]
 
 
 @torch.no_grad()
@@ -136,7 +138,7 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
     started = time.perf_counter()
     kv_lora_rank, rope_dim = cfg.kv_lora_rank, cfg.qk_rope_head_dim
     output_dir = Path(cfg.output_dir)
-    source = cfg.origin.get("source")
+    source = cfg.origin.source  # a `???` (required) source raises MissingMandatoryValue naming origin.source
     check_conversion_args(OriginShape.from_hf_config(origin_attention_shape(source)), kv_lora_rank, rope_dim)
     origin = load_origin(source)
     device = torch.device(cfg.get("device", "cpu"))

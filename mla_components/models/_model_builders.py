@@ -181,7 +181,7 @@ def mha_1b(max_seq_len: int = MLA_1B.max_seq_len) -> TransformerDecoder:
 
 
 # SmolLM2-135M-Instruct converted to MLA (mla_components.conversion): the origin's sizes, a full-rank query,
-# nope = v = the origin's head dim (64), its RoPE theta, no scaling; the latent width is the config's choice.
+# nope = v = the origin's head dim (64), its RoPE theta; the latent width is the config's choice.
 SMOLLM2_135M_MLA = MLAConfig(
     vocab_size=49_152,
     num_layers=30,
@@ -195,7 +195,15 @@ SMOLLM2_135M_MLA = MLAConfig(
     qk_rope_head_dim=64,
     v_head_dim=64,
     rope_base=100_000.0,
-    rope_scaling=None,
+    # YaRN with factor 1 = plain RoPE, written this way for vLLM (mla_components.conversion.gqa_to_mla.identity_yarn)
+    rope_scaling={
+        "factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
     norm_eps=1e-5,
     tie_word_embeddings=True,
 )

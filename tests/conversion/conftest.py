@@ -112,3 +112,42 @@ def llama32_reference(smollm2_dir, tmp_path_factory):
         shutil.copy2(smollm2_dir / name, directory / name)
     assert "rope_parameters" in json.loads((directory / "config.json").read_text())
     return directory, model
+
+
+# --- the 512 + 64 conversion of SmolLM2-135M-Instruct, run once per session through `tune run` ---
+# Small calibration and held-out sets: the same method on ~1k calibration tokens (the shipped config uses 16k).
+SMALL_CONVERSION = ("calibration.sequences=4", "calibration.seq_len=256", "heldout.sequences=2", "heldout.seq_len=256")
+
+
+@pytest.fixture(scope="session")
+def converted_512_run(smollm2_dir, tmp_path_factory):
+    """``tune run mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_512.yaml`` on the origin's
+    HF directory (``smollm2_dir``), small calibration; ``(output_dir, completed process, wall seconds)``.
+    Shared by the recipe and serving tests (one conversion: about a minute on 2 cores)."""
+    import subprocess
+    import time
+
+    from tests.training._tune import ENV, REPO, tune_command
+
+    output = tmp_path_factory.mktemp("convert") / "mla_512"
+    command = tune_command(
+        "mla_recipes/convert_to_mla.py",
+        "smollm2_135m/convert_mla_512.yaml",
+        f"origin.source={smollm2_dir}",
+        f"output_dir={output}",
+        "origin_output_dir=null",  # the origin is smollm2_dir already (and the default path is in the repo)
+        *SMALL_CONVERSION,
+    )
+    start = time.perf_counter()
+    # one process: both cores (ENV's one thread per process is for 2-rank runs)
+    env = {**ENV, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, f"tune run convert_to_mla failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return output, proc, seconds
+
+
+@pytest.fixture(scope="session")
+def converted_512_dir(converted_512_run) -> Path:
+    """The converted HF DeepseekV3 directory (``output_dir/model``)."""
+    return converted_512_run[0] / "model"

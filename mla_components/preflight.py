@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.config._errors import ConfigError, InstantiationError
 from torchtune.config._parse import TuneRecipeArgumentParser
@@ -106,6 +106,9 @@ def _check_checkpoint_model(name: str, path: Path, model) -> None:
 
 def preflight(cfg: DictConfig) -> None:
     """Raise ``PreflightError`` naming the first field that cannot work."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise PreflightError(f"config field `{missing[0]}`: required (`???` in the config); pass {missing[0]}=<value>")
     _check("_component_ paths", lambda: tt_config.validate(cfg))
     model = None
     if "model" in cfg:

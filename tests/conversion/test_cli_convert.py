@@ -24,3 +24,8 @@ def test_convert_runs_the_conversion_recipe_with_the_project_config(monkeypatch)
 def test_convert_without_a_config_names_the_flag():
     with pytest.raises(SystemExit, match="mla-tune convert: --config"):
         cli.main(["convert"])
+
+
+def test_validate_names_a_required_field_left_unset(capsys):
+    with pytest.raises(SystemExit, match="config field `origin.source`: required"):
+        cli.main(["validate", "--config", "llama3_2_1b/convert_mla_512"])

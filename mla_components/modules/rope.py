@@ -51,6 +51,21 @@ def validate_rope_scaling(rope_scaling: dict[str, Any] | None, field: str = "rop
         raise ValueError(f"{field}.beta_fast ({fast}) must be greater than {field}.beta_slow ({slow}) > 0")
 
 
+def identity_yarn(original_max_position_embeddings: int) -> dict[str, Any]:
+    """YaRN with factor 1: exactly plain RoPE (same frequencies, attention factor and softmax scale 1). Converted
+    models carry it instead of ``rope_scaling: null`` because vLLM's CPU MLA path computes plain RoPE wrongly (its
+    greedy tokens diverge from transformers' and ours) while its YaRN path matches, and because a later context
+    extension only has to raise ``factor``."""
+    return {
+        "factor": 1.0,
+        "original_max_position_embeddings": int(original_max_position_embeddings),
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
+
+
 def mla_softmax_scale(qk_head_dim: int, rope_scaling: dict[str, Any] | None = None) -> float:
     """Softmax scale of MLA: ``qk_head_dim**-0.5`` times ``mscale(factor, mscale_all_dim)**2`` under YaRN.
 

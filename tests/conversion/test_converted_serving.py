@@ -28,6 +28,7 @@ from tests.serving.conftest import (
     vllm_python,
     wait_until_up,
 )
+from tests.serving.test_vllm_parity import greedy_with_margins
 
 pytestmark = pytest.mark.slow  # a conversion, then two vLLM engines: minutes on 2 cores
 MAX_NEW_TOKENS = 24
@@ -116,20 +117,6 @@ def test_export_holds_the_conversions_weights(converted_512_dir, fp32_export):
         assert (fp32_export / name).read_bytes() == (converted_512_dir / name).read_bytes(), name
 
 
-@torch.no_grad()
-def our_greedy(model, prompts):
-    """Our tokens, the log-probability of each, and the smallest top-1/top-2 logit margin along the way."""
-    tokens, logprobs, margin = [], [], float("inf")
-    for prompt in prompts:
-        out, logits = greedy_generate(model, torch.tensor(prompt), MAX_NEW_TOKENS)
-        new = out[0, len(prompt) :]
-        tokens.append(new.tolist())
-        logprobs.append(torch.log_softmax(logits[0].float(), -1).gather(-1, new[:, None])[:, 0].tolist())
-        top2 = logits[0].float().topk(2, dim=-1).values
-        margin = min(margin, (top2[:, 0] - top2[:, 1]).min().item())
-    return tokens, logprobs, margin
-
-
 @pytest.fixture(scope="module")
 def vllm_greedy(fp32_export, prompts, tmp_path_factory):
     """vLLM's offline ``LLM`` (tests/serving/vllm_offline.py, the vLLM virtualenv) on the fp32 export."""
@@ -150,7 +137,7 @@ def vllm_greedy(fp32_export, prompts, tmp_path_factory):
 
 
 def test_vllm_greedy_equals_ours_fp32(vllm_greedy, our_export_model, prompts, tokenizer):
-    tokens, logprobs, margin = our_greedy(our_export_model, prompts)
+    tokens, logprobs, margin = greedy_with_margins(our_export_model, prompts)
     for prompt, ours, theirs in zip(prompts, tokens, vllm_greedy["token_ids"], strict=True):
         print(f"{tokenizer.decode(prompt)!r} -> {tokenizer.decode(ours)!r}")
         assert theirs == ours, (tokenizer.decode(theirs), tokenizer.decode(ours))

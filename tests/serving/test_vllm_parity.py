@@ -45,8 +45,12 @@ def our_model(export_dir):
 
 
 def our_greedy(export_dir, prompts):
+    return greedy_with_margins(our_model(export_dir), prompts)
+
+
+@torch.no_grad()
+def greedy_with_margins(model, prompts):
     """Our tokens, the log-probability of each, and the smallest top-1/top-2 logit margin along the way."""
-    model = our_model(export_dir)
     tokens, logprobs, margin = [], [], float("inf")
     for prompt in prompts:
         out, logits = greedy_generate(model, torch.tensor(prompt), MAX_NEW_TOKENS)

@@ -85,6 +85,18 @@ def _ensure_initial_checkpoint(builder: str, directory: Path, seed: int, tokeniz
     _on_rank_zero(write, f"write the initial checkpoint to {directory}")
 
 
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (what a YAML config passes) as plain dicts and lists, so they serialise to JSON."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(value):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with torchtune
+        pass
+    return value
+
+
 class AtomicHFCheckpointer(_CheckpointerInterface):
     """Load an HF model directory; save ``output_dir/epoch_{N}/`` as a complete HF directory, atomically.
 
@@ -112,6 +124,9 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         init_seed (int): seed of that initialisation.
         init_tokenizer_dir (Optional[str]): HF tokenizer files to ship with it (e.g. the Llama-3 tokenizer of the 1B
             configs); default: the built-in byte tokenizer.
+        config_updates (Optional[dict]): ``config.json`` fields that the saved epochs change, for a model built
+            differently from the checkpoint it started from, e.g. a context extension's ``rope_scaling`` and
+            ``max_position_embeddings`` (give the same values to the ``model``, so saved files describe it).
     """
 
     def __init__(
@@ -129,6 +144,7 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         init_model: str | None = None,
         init_seed: int = 0,
         init_tokenizer_dir: str | None = None,
+        config_updates: dict[str, Any] | None = None,
     ) -> None:
         if adapter_checkpoint is not None:
             raise ValueError("checkpointer.adapter_checkpoint: adapters are not supported by AtomicHFCheckpointer")
@@ -143,6 +159,11 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         self._checkpoint_files = list(checkpoint_files) if checkpoint_files else None
         self._should_load_recipe_state = should_load_recipe_state or resume_from_checkpoint
         self._keep_last_n = keep_last_n_intermediate
+        self._config_updates = _plain(config_updates or {})
+        if not isinstance(self._config_updates, dict):
+            raise ValueError(
+                f"checkpointer.config_updates must be a mapping of config.json fields, got {config_updates!r}"
+            )
         if init_model is not None:
             _ensure_initial_checkpoint(init_model, self._checkpoint_dir, init_seed, init_tokenizer_dir)
         self._config = read_config(self._checkpoint_dir)  # fail fast, before any model is built
@@ -194,7 +215,7 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         write_hf_checkpoint(
             target,
             state_dict[training.MODEL_KEY],
-            self._config,
+            {**self._config, **self._config_updates},
             side_files_from=self._resume_dir or self._checkpoint_dir,
             extra={RECIPE_STATE: recipe_state} if intermediate_checkpoint else None,
         )

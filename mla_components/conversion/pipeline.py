@@ -187,7 +187,8 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
 def heldout_report(
     origin_dir: str | Path, checkpoints: dict[str, str | Path], sequences: int, seq_len: int, device: str = "cpu"
 ) -> dict[str, dict[str, float]]:
-    """:func:`compare_on_heldout` of each HF DeepseekV3 checkpoint against the origin HF Llama directory."""
+    """:func:`compare_on_heldout` of each checkpoint (HF DeepseekV3, or HF Llama such as a trained GQA control)
+    against the origin HF Llama directory."""
     from mla_components.checkpointing import load_hf_checkpoint
     from mla_components.models import MLAConfig, llama_from_hf_config
 
@@ -199,7 +200,10 @@ def heldout_report(
     report = {}
     for name, directory in checkpoints.items():
         config, state = load_hf_checkpoint(Path(directory))
-        student = mla(MLAConfig.from_hf_config(config, kernel_backend="torch"))
+        if config.get("model_type") == "llama":
+            student = llama_from_hf_config(config)
+        else:
+            student = mla(MLAConfig.from_hf_config(config, kernel_backend="torch"))
         student.load_state_dict(state)
         report[name] = compare_on_heldout(student.to(device).eval(), teacher, tokens)
         log.info("%s: %s", name, report[name])

@@ -13,9 +13,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
-
-from mla_components.data._haystack import NeedleSample, needle_messages, sample_rng
+from mla_components.data._haystack import NeedleSample, sample_rng
 from mla_components.data._sft import NeedleSamples
 
 REJECTION_KINDS = ("wrong_digits", "distractor", "haystack_value")
@@ -66,6 +64,8 @@ class NeedleDPODataset(NeedleSamples):
         rejection_kinds: Sequence[str] = REJECTION_KINDS,
         seed: int = 0,
         split: str = "train",
+        haystacks: Sequence[str] = ("synthetic",),
+        prompt_formats: Sequence[str] = ("chat",),
     ) -> None:
         super().__init__(
             tokenizer,
@@ -75,6 +75,8 @@ class NeedleDPODataset(NeedleSamples):
             needle_kinds=needle_kinds,
             seed=seed,
             split=split,
+            haystacks=haystacks,
+            prompt_formats=prompt_formats,
         )
         rejections = (rejection_kinds,) if isinstance(rejection_kinds, str) else tuple(rejection_kinds)
         bad = [r for r in rejections if r not in REJECTION_KINDS]
@@ -94,16 +96,10 @@ class NeedleDPODataset(NeedleSamples):
         rejection = rejection_rng.choice([r for r in self._rejections if _applies(r, sample.kind)])
         return sample, hallucinated_answer(rejection_rng, sample, rejection), rejection
 
-    def _tokenize(self, sample: NeedleSample, answer: str) -> tuple[list[int], list[int]]:
-        tokens, mask = self._tokenizer.tokenize_messages(needle_messages(sample, answer))
-        return tokens, [
-            CROSS_ENTROPY_IGNORE_IDX if masked else token for token, masked in zip(tokens, mask, strict=True)
-        ]
-
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         sample, rejected, _ = self.preference(index)
-        chosen_input_ids, chosen_labels = self._tokenize(sample, sample.answer)
-        rejected_input_ids, rejected_labels = self._tokenize(sample, rejected)
+        chosen_input_ids, chosen_labels = self.training_tokens(index, sample, sample.answer)
+        rejected_input_ids, rejected_labels = self.training_tokens(index, sample, rejected)
         return dict(
             chosen_input_ids=chosen_input_ids,
             chosen_labels=chosen_labels,
@@ -122,6 +118,8 @@ def needle_dpo_dataset(
     rejection_kinds: Sequence[str] = REJECTION_KINDS,
     seed: int = 0,
     split: str = "train",
+    haystacks: Sequence[str] = ("synthetic",),
+    prompt_formats: Sequence[str] = ("chat",),
 ) -> NeedleDPODataset:
     """Synthetic needle preference pairs for Torchtune's DPO recipes (``full_dpo_distributed``).
 
@@ -136,8 +134,9 @@ def needle_dpo_dataset(
     Args:
         tokenizer (ModelTokenizer): the model's tokenizer (the recipe passes it).
         num_samples (int): dataset length.
-        context_tokens (int): length of the chosen sequence, in tokens (met exactly or a few tokens below; the
-            rejected one has the same length for the byte tokenizer, +-1 token for BPE tokenizers).
+        context_tokens (int | Sequence[int]): length of the chosen sequence, in tokens (met exactly or a few tokens
+            below; the rejected one has the same length for the byte tokenizer, +-1 token for BPE tokenizers); a
+            list mixes lengths.
         depth (float | None): needle depth in [0, 1]; None samples it per sample. Default None.
         needle_kinds (Sequence[str]): kinds among ``passkey``, ``kv``, ``multi``, cycled over samples.
         rejection_kinds (Sequence[str]): hallucinations to draw from, among :data:`REJECTION_KINDS`
@@ -145,6 +144,8 @@ def needle_dpo_dataset(
             samples only and is skipped for the others.
         seed (int): item ``i`` depends only on (split, seed, i).
         split (str): ``"train"`` (default) or ``"eval"`` vocabulary.
+        haystacks, prompt_formats (Sequence[str]): as in :func:`needle_sft_dataset`; both answers of a pair share
+            the sample's haystack and format.
 
     Returns:
         NeedleDPODataset: the dataset.
@@ -161,4 +162,6 @@ def needle_dpo_dataset(
         rejection_kinds=rejection_kinds,
         seed=seed,
         split=split,
+        haystacks=haystacks,
+        prompt_formats=prompt_formats,
     )

@@ -20,7 +20,11 @@ from __future__ import annotations
 import bisect
 import copy
 import dataclasses
+import functools
+import itertools
 import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +34,11 @@ from mla_components.data._word_lists import VOCABULARIES, SplitVocabulary
 
 NEEDLE_KINDS = ("passkey", "kv", "multi")
 SPLITS = tuple(VOCABULARIES)
+# Where the filler comes from: the word-list sentences, consecutive prose of the offline corpus (the split's own
+# part: train topics for "train", held-out topics for "eval"), or a few sentences repeated over and over.
+HAYSTACKS = ("synthetic", "corpus", "repeat")
+# A "repeat" haystack cycles this many distinct sentences.
+REPEATED_SENTENCES = (2, 6)
 # A multi-needle sample holds this many key-value needles (one asked about, the rest distractors).
 MULTI_NEEDLE_COUNT = (3, 4)
 # One filler sentence in DECOY_EVERY carries a needle-shaped number (a plausible wrong answer).
@@ -202,6 +211,7 @@ class _Draft:
     decoy: tuple[str, str]  # (sentence, value): the haystack always holds at least one decoy value
     vocab: SplitVocabulary
     taken_values: set[str]
+    intro: str
 
 
 @dataclass
@@ -240,7 +250,9 @@ def _draw_needles(rng: random.Random, vocab: SplitVocabulary, kind: str, depth: 
     depths = [rng.random() if depth is None else float(depth)] + [rng.random() for _ in needles[1:]]
     decoy_value = _draw_value(rng, taken)
     decoy = (_decoy_sentence(rng, vocab, decoy_value), decoy_value)
-    return _Draft(needles, depths, question, values[0], kind, tuple(values[1:]), decoy, vocab, taken)
+    intros = (vocab.intro, *vocab.extra_intros)
+    intro = max(intros, key=len) if most_needles else (rng.choice(intros) if vocab.extra_intros else vocab.intro)
+    return _Draft(needles, depths, question, values[0], kind, tuple(values[1:]), decoy, vocab, taken, intro)
 
 
 def _slots(rng: random.Random, vocab: SplitVocabulary) -> dict[str, str]:
@@ -258,6 +270,39 @@ def _decoy_sentence(rng: random.Random, vocab: SplitVocabulary, value: str) -> s
     return rng.choice(vocab.decoy_templates).format(number=value, **_slots(rng, vocab))
 
 
+@functools.cache
+def corpus_sentences(split: str) -> tuple[str, ...]:
+    """Sentences of the offline corpus's part for ``split`` (``train`` -> train topics and docstrings, ``eval`` ->
+    held-out topics, less any sentence that training text also has), whitespace-normalised, without long numbers (a
+    needle-shaped number in the filler would be an unrecorded wrong answer)."""
+    from mla_components.data._corpus import corpus_texts
+
+    text = " ".join(corpus_texts("train" if split == "train" else "heldout"))
+    sentences = re.split(r"(?<=[.!?:])\s+", " ".join(text.split()))
+    kept = tuple(s for s in sentences if 20 <= len(s) <= 400 and not re.search(r"\d{4,}", s))
+    if split == "train":
+        return kept
+    seen = set(corpus_sentences("train"))  # boilerplate the held-out topics share with training text
+    return tuple(s for s in kept if s not in seen)
+
+
+def _filler_source(rng: random.Random, vocab: SplitVocabulary, haystack: str, split: str) -> Callable[[], str]:
+    """A generator of filler sentences for one sample."""
+    if haystack == "corpus":
+        sentences = corpus_sentences(split)
+        start = rng.randrange(len(sentences))
+        position = itertools.count(start)
+        return lambda: sentences[next(position) % len(sentences)]  # consecutive prose, as a document reads
+
+    def synthetic() -> str:
+        return rng.choice(vocab.filler_templates).format(**_slots(rng, vocab))
+
+    if haystack == "repeat":
+        cycle = itertools.cycle([synthetic() for _ in range(rng.randint(*REPEATED_SENTENCES))])
+        return lambda: next(cycle)
+    return synthetic
+
+
 def _render(draft: _Draft, filler: list[_Filler]) -> NeedleSample:
     """Insert the needles into the filler at their depths (by filler tokens before them) and build the sample."""
     cumulative = [0]
@@ -273,7 +318,7 @@ def _render(draft: _Draft, filler: list[_Filler]) -> NeedleSample:
         ):
             index -= 1
         slots.append(index)
-    pieces: list[str] = [draft.vocab.intro]
+    pieces: list[str] = [draft.intro]
     for position in range(len(filler) + 1):
         pieces += [needle for needle, slot in zip(draft.needles, slots, strict=True) if slot == position]
         if position < len(filler):
@@ -306,13 +351,17 @@ def build_needle_sample(
     kind: str,
     split: str,
     answer_in_length: bool,
+    haystack: str = "synthetic",
 ) -> NeedleSample:
     """Draw needles from ``rng`` and fill the haystack up to ``target_tokens`` (arguments already validated).
 
     Args:
         answer_in_length (bool): size the full training chat (prompt + answer + end tokens) instead of the
             generation prompt, so an SFT/DPO sequence never exceeds ``target_tokens``.
+        haystack (str): the filler's source, one of :data:`HAYSTACKS`. Default ``"synthetic"``.
     """
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
     tokenizer = untruncated(tokenizer)
     draft = _draw_needles(rng, VOCABULARIES[split], kind, depth)
     vocab = draft.vocab
@@ -329,13 +378,14 @@ def build_needle_sample(
             f"question and chat format alone take {base} tokens of this tokenizer; raise context_tokens"
         )
     budget, used = target_tokens - base, 0
+    next_sentence = _filler_source(rng, vocab, haystack, split)
     # Whole sentences while they fit; the mandatory decoy goes at a random place among them.
     while True:
-        if rng.randrange(DECOY_EVERY) == 0:
+        if haystack != "repeat" and rng.randrange(DECOY_EVERY) == 0:
             value = _draw_value(rng, draft.taken_values)
             piece = _Filler(_decoy_sentence(rng, vocab, value), 0, value)
         else:
-            piece = _Filler(rng.choice(vocab.filler_templates).format(**_slots(rng, vocab)), 0)
+            piece = _Filler(next_sentence(), 0)
         piece.num_tokens = piece_tokens(piece.text)
         if used + piece.num_tokens > budget:
             break

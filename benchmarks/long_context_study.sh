@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU study behind docs/results/long_context.md: SmolLM2-135M-Instruct converted to MLA (256 + 64) and healed
+# (benchmarks/conversion_study.sh), then extended with YaRN x16 and trained on long needle data with Torchtune's own
+# FSDP recipes (SFT, then DPO), next to its GQA control trained the same way; then passkey from 4k to 128k tokens.
+# Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
+#
+#   benchmarks/long_context_study.sh prepare|sft|dpo|evaluate GGUF RESULTS_DIR
+#
+# CONFIGS (default configs/smollm2_135m) points at other copies of the configs (the CPU test shrinks them);
+# SFT_ARGS / DPO_ARGS / EVAL_ARGS add command-line overrides; MODELS limits the trained pairs (default "mla gqa").
+set -euo pipefail
+stage=$1 gguf=$2 results=$3
+configs=${CONFIGS:-configs/smollm2_135m}
+work=outputs/smollm2_135m
+tune=(python3 -m torchtune._cli.tune run)
+mkdir -p "$results"
+stamp() { echo "[$(date +%T)] $*"; }
+read -r -a sft_args <<< "${SFT_ARGS:-}"
+read -r -a dpo_args <<< "${DPO_ARGS:-}"
+read -r -a eval_args <<< "${EVAL_ARGS:-}"
+
+# One training stage of one model: skip when its final epoch exists, resume from an intermediate one.
+train() {
+  local recipe=$1 config=$2 out=$3 log=$4
+  shift 4
+  if [ -f "$out/epoch_0/config.json" ] && [ ! -f "$out/epoch_0/recipe_state.pt" ]; then
+    stamp "skip $config (done)"
+  else
+    stamp "$recipe $config"
+    "${tune[@]}" --nproc_per_node 1 "$recipe" --config "$configs/$config" "$@"
+  fi
+  cp "$out"/logs/log_*.txt "$results/$log" 2>/dev/null || true
+}
+
+case $stage in
+  prepare)  # the healed 256 + 64 conversion (and the origin's HF directory) the training starts from
+    CONVERT_RANKS=256 benchmarks/conversion_study.sh convert "$gguf" "$results"
+    benchmarks/conversion_study.sh heal "$gguf" "$results"
+    ;;
+  sft)
+    for m in ${MODELS:-mla gqa}; do
+      train full_finetune_distributed "long_sft_$m.yaml" "$work/long_sft_$m" "long_sft_${m}_log.txt" "${sft_args[@]}"
+    done
+    ;;
+  dpo)
+    for m in ${MODELS:-mla gqa}; do
+      train full_dpo_distributed "long_dpo_$m.yaml" "$work/long_dpo_$m" "long_dpo_${m}_log.txt" "${dpo_args[@]}"
+    done
+    ;;
+  evaluate)
+    stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
+    python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device "${DEVICE:-cuda}" --sequences 16 \
+      --seq-len 1024 --checkpoint mla_healed="$work/heal_mla_256/epoch_1" \
+      --checkpoint mla_sft="$work/long_sft_mla/epoch_0" --checkpoint mla_dpo="$work/long_dpo_mla/epoch_0" \
+      --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
+      > "$results/heldout.json"
+    stamp "passkey, standard Landmark prompt (evaluation-only), every model"
+    "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" \
+      output_dir="$results/passkey_landmark" prompt_format=landmark trials_per_cell=2 "${eval_args[@]}"
+    stamp "passkey, the project's eval-split templates in the chat format, trained models"
+    "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" \
+      output_dir="$results/passkey_chat" trials_per_cell=2 "model_names=[mla_sft,mla_dpo,gqa_sft,gqa_dpo]" \
+      "${eval_args[@]}"
+    stamp "multi-needle (a question about one of 3-4 planted values): SFT vs DPO distractor answers"
+    "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" \
+      output_dir="$results/passkey_multi" needle_kind=multi trials_per_cell=2 "context_lengths=[4096,16384,32768]" \
+      "model_names=[mla_sft,mla_dpo,gqa_sft,gqa_dpo]" "${eval_args[@]}"
+    ;;
+  *)
+    echo "usage: $0 prepare|sft|dpo|evaluate GGUF RESULTS_DIR" >&2
+    exit 2
+    ;;
+esac
+stamp "done: $stage"

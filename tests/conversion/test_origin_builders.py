@@ -53,3 +53,22 @@ def test_cli_writes_an_origin_the_checkpointer_loads(tmp_path, capsys):
     state = AtomicHFCheckpointer(str(tmp_path / "origin"), str(tmp_path / "out")).load_checkpoint()["model"]
     keys = llama_from_hf_config(written).load_state_dict(state, strict=True)
     assert not keys.missing_keys and not keys.unexpected_keys and "output.weight" in state
+
+
+def test_smollm2_135m_yarn_control_has_the_mla_runs_attention_temperature():
+    """The GQA control of a YaRN-extended MLA model: YaRN over all head dims, whose cos/sin factor squared equals
+    the MLA softmax-scale factor of DeepSeek's ``mscale = mscale_all_dim = 1`` settings at the same ``factor``."""
+    from mla_components.modules import DecoupledRotaryEmbedding
+    from mla_components.modules.rope import mla_softmax_scale
+
+    gqa_yarn = {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 8192}
+    mla_yarn = {**gqa_yarn, "mscale": 1.0, "mscale_all_dim": 1.0}
+    with torch.device("meta"):
+        model = smollm2_135m(max_seq_len=131_072, rope_scaling=gqa_yarn)
+    rope = model.layers[0].attn.pos_embeddings
+    assert isinstance(rope, DecoupledRotaryEmbedding) and model.max_seq_len == 131_072
+    assert model.hf_config["rope_scaling"] == gqa_yarn
+    mla_factor = mla_softmax_scale(128, mla_yarn) / 128**-0.5
+    assert rope.attention_factor**2 == pytest.approx(mla_factor) and mla_factor == pytest.approx(1.2773**2, rel=1e-4)
+    with pytest.raises(ValueError, match=r"model.rope_scaling.original_max_position_embeddings is required"):
+        smollm2_135m(rope_scaling={"rope_type": "yarn", "factor": 16.0})

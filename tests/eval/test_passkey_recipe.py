@@ -117,3 +117,27 @@ def test_fp8_cache_compare_run_reports_the_allocated_bytes_of_each_cache(passkey
     assert bf16["lengths"][0]["kv_cache_bytes"] == 4 * 576 * 4 * tokens
     assert fp8["lengths"][0]["kv_cache_bytes"] == 4 * 656 * tokens
     assert "fp8_e4m3" in paths["summary"].read_text().splitlines()[1]
+
+
+def test_model_names_selects_entries_and_distractor_answers_are_counted(passkey_cfg):
+    """``model_names`` runs a subset of a compare config (unknown names refused before any weight is read); the
+    multi-needle report counts answers that are another planted value."""
+    single = passkey_cfg.checkpointer
+    passkey_cfg.checkpointer = OmegaConf.create(
+        [{"name": "a", "checkpointer": single}, {"name": "b", "checkpointer": single}]
+    )
+    with pytest.raises(ValueError, match=r"model_names \['c'\]: \['c'\]; the config's models are \['a', 'b'\]"):
+        run(OmegaConf.merge(passkey_cfg, {"model_names": ["c"]}), load_model=_must_not_load)
+
+    cfg = OmegaConf.merge(
+        passkey_cfg,
+        {"model_names": ["b"], "needle_kind": "multi", "context_lengths": [512], "depths": [0.5], "trials_per_cell": 2},
+    )
+    report = json.loads(run(cfg)["json"].read_text())
+    (model,) = report["models"]
+    assert model["name"] == "b"
+    trials, (row,) = model["trials"], model["lengths"]
+    assert all(t["distractors"] for t in trials)
+    expected = sum(t["extracted"] in t["distractors"] for t in trials)
+    assert row["distractor_answers"] == expected
+    assert row["decoy_answers"] == sum(t["extracted"] in t["decoys"] for t in trials)

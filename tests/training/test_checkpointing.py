@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -24,7 +25,7 @@ from mla_components.checkpointing import (
 )
 from mla_components.checkpointing._lock import LOCK_NAME, OutputDirLockedError
 from mla_components.cli import main as mla_tune
-from mla_components.models import gqa_tiny, mla, mla_tiny
+from mla_components.models import MLAConfig, gqa_tiny, mla, mla_tiny
 from tests.model.conftest import randomize_, small_config
 
 
@@ -288,3 +289,22 @@ def test_one_writer_per_output_dir_and_stale_locks_are_taken_over(tmp_path):
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
     assert not (out / ".epoch_1.tmp-0123abcd").exists()  # swept once the run is known to be gone
     assert resumed.load_checkpoint() is not None
+
+
+def test_config_updates_describe_the_saved_model(tmp_path):
+    """A context extension trains a model built with other RoPE settings than its checkpoint's: ``config_updates``
+    put them in every saved ``config.json``, and the base checkpoint is left as it was."""
+    model = mla(small_config())
+    base = tmp_path / "base"
+    write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
+    yarn = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 256, "mscale": 1.0, "mscale_all_dim": 1.0}
+    updates = OmegaConf.create({"rope_scaling": yarn, "max_position_embeddings": 4096})  # as a YAML config passes it
+    ckpt = AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(tmp_path / "run"), config_updates=updates)
+    ckpt.save_checkpoint(ckpt.load_checkpoint(), epoch=0)
+    saved = json.loads((tmp_path / "run" / "epoch_0" / "config.json").read_text())
+    assert saved["rope_scaling"] == yarn and saved["max_position_embeddings"] == 4096
+    assert json.loads((base / "config.json").read_text())["rope_scaling"] != yarn
+    extended = mla(MLAConfig.from_hf_config(saved))
+    assert extended.mla_config.rope_scaling["factor"] == 16.0 and extended.max_seq_len == 4096
+    with pytest.raises(ValueError, match="checkpointer.config_updates must be a mapping"):
+        AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(tmp_path / "o"), config_updates=["rope"])

@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict
 
 import torch
+from mla_kernels.fp8 import quantize_latent_fp8
 from mla_kernels.mla_decode import (
     DecodeConfig,
     decode_bytes,
@@ -40,7 +41,9 @@ from mla_kernels.mla_decode import (
     mla_decode,
     num_sms,
 )
-from mla_kernels.reference import absorbed_attention_torch, naive_decode_torch, quantize_latent_fp8
+from mla_kernels.reference import naive_decode_torch
+
+from mla_components.modules.attention import absorbed_attention_torch
 
 SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 16384), (128, 4096)]
 FP8_SHAPES = [(1, 131072), (8, 32768), (128, 4096)]  # issue 18: where bytes dominate, and the FlashMLA anchor

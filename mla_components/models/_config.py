@@ -3,12 +3,11 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from mla_kernels.reference import FP8_GROUP_SIZE
+from mla_kernels.fp8 import FP8_GROUP_SIZE
 
+from mla_components.modules.backend import validate_kernel_backend
 from mla_components.modules.kv_cache import validate_kv_cache_dtype
 from mla_components.modules.rope import validate_rope_scaling
-
-KERNEL_BACKENDS = ("torch", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,7 @@ class MLAConfig:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if not 0.0 <= self.attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {self.attn_dropout}")
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        validate_kernel_backend(self.kernel_backend)
         validate_kv_cache_dtype(self.kv_cache_dtype, self.kv_lora_rank)
         validate_rope_scaling(self.rope_scaling)
         if self.rope_scaling:  # one canonical form: YaRN is the only kind, so the type tag is implied

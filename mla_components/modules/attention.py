@@ -15,11 +15,11 @@ Two ways to compute the same function:
 
 import torch
 import torch.nn.functional as F
-from mla_kernels.backend import resolve_backend
-from mla_kernels.reference import absorbed_attention_torch
+from mla_kernels.fp8 import dequantize_latent_fp8
 from torch import nn
 from torchtune.modules.attention_utils import _MaskType
 
+from mla_components.modules.backend import resolve_backend, validate_kernel_backend
 from mla_components.modules.kv_cache import MLAKVCache, validate_kv_cache_dtype
 
 try:  # flex attention handles packed-sequence BlockMasks (optional, as in Torchtune)
@@ -40,6 +40,32 @@ def _in_features(module: nn.Module) -> int:
 # cache (the Triton kernel with that backend; each query row streams the cache once). Longer chunks are prefill:
 # they expand the cached prefix once and run SDPA.
 TRITON_DECODE_MAX_QUERIES = 4
+
+
+def absorbed_attention_torch(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+    c_kv_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Latent attention in PyTorch: ``q_latent [b, s, H, d_c]``, ``q_pe [b, s, H, d_r]``, ``c_kv [b, t, d_c]``,
+    ``k_pe [b, t, d_r]``, ``mask [b, s, t]`` (True = attend; None = all keys) -> ``[b, s, H, d_c]``.
+
+    Products in the queries' dtype, softmax in fp32 (the ``torch`` decode backend; also the
+    "absorbed PyTorch" row of benchmarks/benchmark_mla.py). An fp8 cache passes the e4m3
+    ``c_kv`` with its ``c_kv_scale [b, t, d_c / FP8_GROUP_SIZE]``; it is dequantised to the queries' dtype here."""
+    if c_kv_scale is not None:
+        c_kv = dequantize_latent_fp8(c_kv, c_kv_scale, q_latent.dtype)
+    k_pe = k_pe.to(q_latent.dtype)  # the fp8 cache keeps the rope key in bf16 whatever the model's dtype
+    scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+    scores = scores.float() * softmax_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
+    return torch.einsum("bsht,btc->bshc", probs, c_kv)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -116,6 +142,7 @@ class MultiHeadLatentAttention(nn.Module):
         if not 0.0 <= attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
         validate_kv_cache_dtype(kv_cache_dtype, kv_lora_rank)
+        validate_kernel_backend(kernel_backend)
         low_rank = (q_a_proj, q_a_norm, q_b_proj)
         if (q_proj is None) == all(m is None for m in low_rank) or (
             q_proj is None and any(m is None for m in low_rank)
@@ -157,6 +184,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.is_causal = is_causal
         self.attn_dropout = attn_dropout
         self.kernel_backend = kernel_backend
+        self.decode_backend: str | None = None  # "torch" | "triton", resolved once by setup_cache
         self.kv_cache_dtype = kv_cache_dtype
 
         self.q_proj = q_proj
@@ -176,11 +204,14 @@ class MultiHeadLatentAttention(nn.Module):
     # ----------------------------------------------------------------- cache protocol
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
         """Allocate the latent cache (``[batch_size, max_seq_len, d_c + d_r]`` in ``dtype``, or the fp8 rows of
-        :class:`MLAKVCache` with ``kv_cache_dtype="fp8_e4m3"``) and enable it."""
+        :class:`MLAKVCache` with ``kv_cache_dtype="fp8_e4m3"``) and enable it; resolve ``kernel_backend`` for the
+        cached decode against the weights' device (once, not per step; see :mod:`mla_components.modules.backend`)."""
         if self.kv_cache is not None:
             return  # like Torchtune: a second call keeps the existing cache
         device = self.kv_b_proj.weight.device
-        with torch.device("cpu" if device.type == "meta" else device):
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.decode_backend = resolve_backend(self.kernel_backend, device)
+        with device:
             self.kv_cache = MLAKVCache(
                 batch_size, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, self.kv_cache_dtype
             )
@@ -279,10 +310,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         w_uk, w_uv = self._kv_b_weights()
         q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-        if (
-            q_latent.shape[1] <= TRITON_DECODE_MAX_QUERIES
-            and resolve_backend(self.kernel_backend, q_latent.device) == "triton"
-        ):
+        if q_latent.shape[1] <= TRITON_DECODE_MAX_QUERIES and self.decode_backend == "triton":
             out_latent = self._triton_latent_decode(q_latent, q_pe, c_kv, k_pe, mask, c_kv_scale)
         else:
             out_latent = absorbed_attention_torch(q_latent, q_pe, c_kv, k_pe, mask, self.softmax_scale, c_kv_scale)

@@ -1,7 +1,7 @@
 """Latent KV cache for MLA: stores only ``c_kv`` and ``k_pe``, never per-head keys or values."""
 
 import torch
-from mla_kernels.reference import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8
+from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8
 from torch import nn
 
 # "bf16": the latent unquantised, in the dtype given to ``setup_caches`` (bf16 in every bf16 run; fp32 CPU runs keep

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from mla_kernels import backend
-from mla_kernels.backend import resolve_backend
 
 from mla_components.generation import greedy_generate
 from mla_components.models import mla_tiny
+from mla_components.modules import backend
+from mla_components.modules.backend import resolve_backend
 from tests._requirements import unavailable
 
 
@@ -75,10 +75,8 @@ def test_mla_tiny_greedy_generation_same_tokens_with_torch_and_triton(device, mo
 def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numerics(device):
     """``kernel_backend="triton"`` builds every RMSNorm and the decoupled RoPE from the Triton kernels; one training
     step (forward, loss, backward) gives the torch backend's loss and gradients, from the same state dict."""
-    from mla_kernels.rms_norm import TritonRMSNorm
-    from mla_kernels.rope import TritonDecoupledRotaryEmbedding
-
     from mla_components.models import mla
+    from mla_components.modules.triton_layers import TritonDecoupledRotaryEmbedding, TritonRMSNorm
     from tests.model.conftest import YARN, randomize_, small_config
 
     if not backend.triton_available():

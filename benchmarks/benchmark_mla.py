@@ -1,8 +1,8 @@
 """MLA decode attention on one GPU: naive PyTorch vs absorbed PyTorch vs the fused Triton kernel.
 
-    python -m mla_kernels.benchmark_mla --json results.json            # the table of docs/results/kernels.md
-    python -m mla_kernels.benchmark_mla --sweep --json sweep.json      # stage-1 launch configs, per shape
-    python -m mla_kernels.benchmark_mla --fp8 --json fp8.json          # Triton over the bf16 vs the fp8 cache
+    python benchmarks/benchmark_mla.py --json results.json         # the table of docs/results/kernels.md
+    python benchmarks/benchmark_mla.py --sweep --json sweep.json   # stage-1 launch configs, per shape
+    python benchmarks/benchmark_mla.py --fp8 --json fp8.json       # Triton over the bf16 vs the fp8 cache
 
 Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
 latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:

@@ -18,7 +18,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from mla_components.torchtune_compat import cpu_env
+from mla_components.compat.torchtune import cpu_env
 
 CONFIGS = files("mla_recipes.configs")  # the installed configs, not the checkout's: works from any directory
 MODELS = ("mla_tiny", "gqa_tiny")  # the models of configs/mla_tiny/passkey_long_context.yaml

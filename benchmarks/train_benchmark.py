@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 from torchtune.modules import TiedLinear
 
-from mla_components.torchtune_compat import cpu_env
+from mla_components.compat.torchtune import cpu_env
 
 CONFIGS = files("mla_recipes.configs")  # the installed configs, not the checkout's: works from any directory
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM

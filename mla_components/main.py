@@ -33,10 +33,10 @@ import torch
 from omegaconf import OmegaConf
 
 from mla_components.checkpointing import epoch_dirs
+from mla_components.compat.torchtune import cpu_env
 from mla_components.generation import greedy_generate
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_table
 from mla_components.models import mla_tiny
-from mla_components.torchtune_compat import cpu_env
 
 STEPS = 9
 CACHED_LOGIT_TOLERANCE = 1e-4  # fp32: the absorbed (cached) and expanded (uncached) paths agree to ~1e-6

@@ -21,8 +21,8 @@ LAYERS: list[dict[str, list[str]]] = [
     {
         # Triton ops, their autograd Functions, the fp8 cache format, fp64/PyTorch test references
         "kernels": ["mla_kernels"],
-        # adapters of third-party internals (Torchtune, Triton's interpreter); import nothing of the project
-        "compat": ["mla_components._triton_compat", "mla_components.torchtune_compat", "mla_components._cpu_site"],
+        # adapters of third-party internals (Torchtune, Triton's interpreter, lm-eval); import nothing of the project
+        "compat": ["mla_components.compat"],
     },
     # attention (with its PyTorch absorbed decode), RoPE incl. the Triton-backed one, KV cache, kernel_backend policy
     {"modules": ["mla_components.modules"]},

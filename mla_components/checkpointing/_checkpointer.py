@@ -24,7 +24,7 @@ from mla_components.checkpointing._hf_format import (
     write_hf_checkpoint,
 )
 from mla_components.checkpointing._lock import lock_output_dir
-from mla_components.torchtune_compat import end_with_launcher
+from mla_components.compat.torchtune import end_with_launcher
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def norm_and_rope_classes(kernel_backend: str) -> tuple[type[nn.Module], type[nn
         from torchtune.modules import RMSNorm
 
         return RMSNorm, DecoupledRotaryEmbedding
-    from mla_components._triton_compat import fix_interpreter_scalars
+    from mla_components.compat.triton_interpreter import fix_interpreter_scalars
 
     fix_interpreter_scalars()  # on CPU (TRITON_INTERPRET=1) only
     from mla_components.modules.triton_layers import (  # imports Triton only for this backend

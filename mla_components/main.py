@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from mla_components.checkpointing import epoch_dirs
 from mla_components.compat.torchtune import cpu_env
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_table
 from mla_components.models import mla_tiny
 

@@ -31,7 +31,7 @@ LAYERS: list[dict[str, list[str]]] = [
     # all HF I/O; decoding and cache accounting over any built model
     {
         "checkpointing": ["mla_components.checkpointing"],
-        "generation": ["mla_components.generation"],
+        "decoding": ["mla_components.decoding"],
         "kv_cache_report": ["mla_components.kv_cache_report"],
     },
     {

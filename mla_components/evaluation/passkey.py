@@ -8,7 +8,7 @@ Order of work (every config error surfaces before any weights are read):
 3. generate every prompt (the training data's haystack code, ``split="eval"``) and check that prompt + new tokens fit
    each model;
 4. per model: load weights, then per context length set up one KV cache of ``longest prompt + max_new_tokens``
-   tokens and run :func:`~mla_components.evaluation.decoding.chunked_prefill_greedy` for every trial of the row;
+   tokens and run :func:`~mla_components.decoding.chunked_prefill_greedy` for every trial of the row;
 5. score (:mod:`~mla_components.evaluation.scoring`) and write the report (:mod:`~mla_components.evaluation.report`).
 
 Each trial's needle comes from its own seed, derived from ``seed``, the length, the depth and the trial index, so
@@ -31,7 +31,7 @@ from torchtune import config, training, utils
 from torchtune.modules.common_utils import local_kv_cache
 from tqdm import tqdm
 
-from mla_components.evaluation.decoding import chunked_prefill_greedy
+from mla_components.decoding import chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
 from mla_components.evaluation.report import ModelResult, write_report
 from mla_components.evaluation.scoring import extract_value, is_correct

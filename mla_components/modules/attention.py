@@ -20,7 +20,7 @@ from torch import nn
 from torchtune.modules.attention_utils import _MaskType
 
 from mla_components.modules.backend import resolve_backend, validate_kernel_backend
-from mla_components.modules.kv_cache import MLAKVCache, validate_kv_cache_dtype
+from mla_components.modules.kv_cache import MLAKVCache, causal_cache_mask, validate_kv_cache_dtype
 
 try:  # flex attention handles packed-sequence BlockMasks (optional, as in Torchtune)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -270,9 +270,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.kv_cache is not None and self.cache_enabled:
             if mask is None:  # causal over what has been cached so far
                 filled = self.kv_cache.size
-                keys = torch.arange(self.kv_cache.max_seq_len, device=x.device)
-                queries = torch.arange(filled - s_x, filled, device=x.device)
-                mask = (keys[None, :] <= queries[:, None]).unsqueeze(0).expand(b, -1, -1)
+                mask = causal_cache_mask(filled - s_x, s_x, self.kv_cache.max_seq_len, x.device).expand(b, -1, -1)
             if s_x > TRITON_DECODE_MAX_QUERIES:
                 # A prefill chunk: expanding the filled prefix once and running SDPA over it beats the absorbed
                 # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill.

@@ -24,6 +24,15 @@ def validate_kv_cache_dtype(kv_cache_dtype: str, kv_lora_rank: int) -> None:
         )
 
 
+def causal_cache_mask(start: int, length: int, cache_len: int, device: torch.device) -> torch.Tensor:
+    """``[1, length, cache_len]`` boolean mask for queries at positions ``start .. start + length - 1`` over a KV
+    cache of ``cache_len`` slots: each sees the cached positions up to and including its own (the mask Torchtune's
+    ``generate`` slices from its causal mask over the cache)."""
+    keys = torch.arange(cache_len, device=device)
+    queries = torch.arange(start, start + length, device=device)
+    return (keys[None, :] <= queries[:, None]).unsqueeze(0)
+
+
 class MLAKVCache(nn.Module):
     """KV cache of Multi-Head Latent Attention, with the members of Torchtune's ``KVCache``.
 

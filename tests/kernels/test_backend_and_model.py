@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.models import mla_tiny
 from mla_components.modules import backend
 from mla_components.modules.backend import resolve_backend
@@ -104,7 +104,7 @@ def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numeri
 
 _TRITON_PATH = """
 import torch
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.models import mla_tiny
 
 torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 from torchtune.generation import generate
 from torchtune.modules.common_utils import local_kv_cache
 
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_bytes_per_token, kv_cache_table
 from mla_components.models import gqa_1b, mla, mla_1b, mla_tiny
 from mla_components.modules import MLAKVCache

@@ -23,6 +23,8 @@ LAYERS: list[dict[str, list[str]]] = [
         "kernels": ["mla_kernels"],
         # adapters of third-party internals (Torchtune, Triton's interpreter, lm-eval); import nothing of the project
         "compat": ["mla_components.compat"],
+        # config-field checks (positive integers, even rope dims) shared by every layer
+        "validation": ["mla_components._validation"],
     },
     # attention (with its PyTorch absorbed decode), RoPE incl. the Triton-backed one, KV cache, kernel_backend policy
     {"modules": ["mla_components.modules"]},

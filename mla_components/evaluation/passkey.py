@@ -31,6 +31,7 @@ from torchtune import config, training, utils
 from torchtune.modules.common_utils import local_kv_cache
 from tqdm import tqdm
 
+from mla_components._validation import check_positive_int, is_positive_int
 from mla_components.decoding import chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
 from mla_components.evaluation.report import ModelResult, write_report
@@ -76,7 +77,7 @@ class PasskeyGrid:
             raise ValueError(
                 f"prompt_format=landmark asks for a pass key: needle_kind must be passkey, got {self.needle_kind!r}"
             )
-        if not self.context_lengths or any(not isinstance(n, int) or n <= 0 for n in self.context_lengths):
+        if not self.context_lengths or any(not is_positive_int(n) for n in self.context_lengths):
             raise ValueError(
                 f"context_lengths must be a non-empty list of positive integers, got {self.context_lengths}"
             )
@@ -90,9 +91,7 @@ class PasskeyGrid:
         if len(set(self.depths)) != len(self.depths):
             raise ValueError(f"depths has duplicates: {self.depths}")
         for name in ("trials_per_cell", "max_new_tokens", "prefill_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> PasskeyGrid:

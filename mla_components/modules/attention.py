@@ -19,6 +19,7 @@ from mla_kernels.fp8 import dequantize_latent_fp8
 from torch import nn
 from torchtune.modules.attention_utils import _MaskType
 
+from mla_components._validation import check_positive_ints, check_rope_dim
 from mla_components.modules.backend import resolve_backend, validate_kernel_backend
 from mla_components.modules.kv_cache import MLAKVCache, causal_cache_mask, validate_kv_cache_dtype
 
@@ -126,7 +127,7 @@ class MultiHeadLatentAttention(nn.Module):
         kv_cache_dtype: str = "bf16",
     ) -> None:
         super().__init__()
-        for name, value in dict(
+        check_positive_ints(
             embed_dim=embed_dim,
             num_heads=num_heads,
             qk_nope_head_dim=qk_nope_head_dim,
@@ -134,11 +135,8 @@ class MultiHeadLatentAttention(nn.Module):
             v_head_dim=v_head_dim,
             kv_lora_rank=kv_lora_rank,
             max_seq_len=max_seq_len,
-        ).items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+        )
+        check_rope_dim(qk_rope_head_dim)
         if not 0.0 <= attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
         validate_kv_cache_dtype(kv_cache_dtype, kv_lora_rank)

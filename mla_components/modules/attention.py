@@ -91,7 +91,8 @@ class MultiHeadLatentAttention(nn.Module):
         max_seq_len (int): maximum sequence length (for Torchtune's bookkeeping).
         is_causal (bool): causal masking when no mask is given.
         attn_dropout (float): attention dropout in training.
-        kernel_backend (str): ``"torch"``, ``"triton"`` or ``"auto"`` for the cached decode step.
+        kernel_backend (str): ``"torch"``, ``"triton"`` or ``"auto"`` for the cached decode step, resolved once per
+            :meth:`setup_cache` (:mod:`mla_components.modules.backend`; the builder picks RMSNorm/RoPE).
         kv_cache_dtype (str): ``"bf16"`` (the latent cache in the model's dtype) or ``"fp8_e4m3"`` (e4m3 latent with
             per-128-value fp32 scales, rope key in bf16; dequantised in the decode kernel's loads or, in PyTorch,
             before the absorbed product); see :class:`MLAKVCache`.

@@ -38,6 +38,18 @@ def test_resolve_backend_errors_name_the_fix(monkeypatch):
     assert resolve_backend("auto", "cuda") == "torch"
 
 
+def test_the_decode_backend_is_resolved_once_per_cache_setup_not_per_step(monkeypatch):
+    from mla_components.modules import attention
+
+    calls = []
+    real = attention.resolve_backend
+    monkeypatch.setattr(attention, "resolve_backend", lambda *a: calls.append(a) or real(*a))
+    model = _tiny("auto", "cpu")
+    greedy_generate(model, torch.randint(1, 512, (9,), generator=torch.Generator().manual_seed(0)), 6)
+    assert len(calls) == len(model.layers), "one resolution per attention module, at setup_caches"
+    assert {layer.attn.decode_backend for layer in model.layers} == {"torch"}  # auto on CPU
+
+
 def _tiny(kernel_backend, device):
     torch.manual_seed(0)
     model = mla_tiny(max_seq_len=256, kernel_backend=kernel_backend)

@@ -1,8 +1,9 @@
 """Torchtune's own ``eleuther_eval`` recipe, runnable offline with lm-eval 0.4.5-0.4.8 and transformers 5 (used by
 :mod:`mla_components.evaluation.eleuther_eval`, behind ``tune run mla_recipes/eleuther_eval.py``).
 
-Targets lm-eval==0.4.8 (the newest the pinned torchtune==0.6.1 recipe accepts) and that recipe file; ``RELIES_ON``
-fingerprints what the wrapper below stands in for. Why not lm-eval's public API: Torchtune's ``_LLMEvalWrapper``
+Targets lm-eval==0.4.8 (the newest of the 0.4.5-0.4.8 the pinned torchtune==0.6.1 recipe accepts; another one fails
+tests/test_compat.py until this is re-read against it) and that recipe file; ``RELIES_ON`` fingerprints what the
+wrapper below stands in for. Why not lm-eval's public API: Torchtune's ``_LLMEvalWrapper``
 is an ``HFLM`` subclass whose ``__init__`` hard-codes ``pretrained="gpt2"``, and ``HFLM(pretrained=<module>)``
 needs a transformers ``PreTrainedModel`` (``config``, ``device``, ``tie_weights``) and an HF tokenizer, neither of
 which a Torchtune decoder and tokenizer are; the wrapper keeps the recipe's own request handling.

@@ -1,43 +1,16 @@
-"""PyTorch references for the MLA decode kernel.
+"""PyTorch references for the MLA decode kernel (tests and benchmarks; the model's own PyTorch decode path is
+``mla_components.modules.attention.absorbed_attention_torch``).
 
 - :func:`mla_decode_reference`: the exact semantics of :func:`mla_kernels.mla_decode.mla_decode` (per-row lengths,
   paged caches, key masks, ``lse``), computed row by row in the inputs' dtype promoted to ``compute_dtype``
   (fp64 in the tests).
-- :func:`absorbed_attention_torch`: the absorbed path of ``MultiHeadLatentAttention`` (scores against the latent
-  cache, fp32 softmax) — the module's ``torch`` backend and the "absorbed PyTorch" benchmark row.
 - :func:`naive_decode_torch`: decompress the latent into per-head K/V with ``kv_b_proj``'s weight, then SDPA —
   the seed's baseline (what the expanded training path costs if used for decoding).
-- :func:`quantize_latent_fp8` / :func:`dequantize_latent_fp8`: the FP8 latent cache's format (FlashMLA's): e4m3
-  values with one fp32 scale per ``FP8_GROUP_SIZE`` values of each token, ``scale = amax / 448``.
 """
 
 import torch
 import torch.nn.functional as F
-
-FP8_GROUP_SIZE = 128  # latent values per fp32 scale (FlashMLA: 4 scales for d_c = 512)
-FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-def quantize_latent_fp8(c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token, per-group e4m3 quantisation: ``c_kv [..., d_c]`` -> ``(float8_e4m3fn [..., d_c],
-    fp32 scales [..., d_c / FP8_GROUP_SIZE])`` with ``scale = amax(|group|) / 448``, so each group's largest value
-    maps to e4m3's largest finite value (an all-zero group gets scale 1)."""
-    d_c = c_kv.shape[-1]
-    if d_c % FP8_GROUP_SIZE:
-        raise ValueError(f"the latent width ({d_c}) must be a multiple of {FP8_GROUP_SIZE} for fp8 scale groups")
-    groups = c_kv.float().unflatten(-1, (d_c // FP8_GROUP_SIZE, FP8_GROUP_SIZE))
-    scale = groups.abs().amax(dim=-1) / FP8_E4M3_MAX
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    # x / scale can land a rounding step above 448, where the cast would give NaN (e4m3fn has no inf)
-    values = (groups / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    return values.flatten(-2), scale
-
-
-def dequantize_latent_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``float8_e4m3fn [..., d_c]`` and fp32 ``scale [..., d_c / FP8_GROUP_SIZE]`` -> ``[..., d_c]`` in ``dtype``
-    (the product is taken in fp32, as the kernel does in registers)."""
-    groups = values.float().unflatten(-1, (scale.shape[-1], values.shape[-1] // scale.shape[-1]))
-    return (groups * scale.float()[..., None]).flatten(-2).to(dtype)
+from mla_kernels.fp8 import dequantize_latent_fp8
 
 
 def gather_sequence(
@@ -89,31 +62,6 @@ def mla_decode_reference(
         lse[r] = torch.logsumexp(scores, dim=-1)
         out[r] = torch.softmax(scores, dim=-1) @ keys_c
     return out, lse
-
-
-def absorbed_attention_torch(
-    q_latent: torch.Tensor,
-    q_pe: torch.Tensor,
-    c_kv: torch.Tensor,
-    k_pe: torch.Tensor,
-    mask: torch.Tensor | None,
-    softmax_scale: float,
-    c_kv_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Latent attention in PyTorch: ``q_latent [b, s, H, d_c]``, ``q_pe [b, s, H, d_r]``, ``c_kv [b, t, d_c]``,
-    ``k_pe [b, t, d_r]``, ``mask [b, s, t]`` (True = attend; None = all keys) -> ``[b, s, H, d_c]``.
-
-    Products in the queries' dtype, softmax in fp32 (the module's ``torch`` backend). An fp8 cache passes the e4m3
-    ``c_kv`` with its ``c_kv_scale [b, t, d_c / FP8_GROUP_SIZE]``; it is dequantised to the queries' dtype here."""
-    if c_kv_scale is not None:
-        c_kv = dequantize_latent_fp8(c_kv, c_kv_scale, q_latent.dtype)
-    k_pe = k_pe.to(q_latent.dtype)  # the fp8 cache keeps the rope key in bf16 whatever the model's dtype
-    scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
-    scores = scores.float() * softmax_scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
-    return torch.einsum("bsht,btc->bshc", probs, c_kv)
 
 
 def naive_decode_torch(

@@ -1,5 +1,6 @@
 """RMSNorm with Torchtune's numerics (fp32 statistics, normalised value cast back before the scale), as a
-Triton forward + backward ``autograd.Function`` and a drop-in module for ``torchtune.modules.RMSNorm``.
+Triton forward + backward ``autograd.Function`` (the drop-in module for ``torchtune.modules.RMSNorm`` is
+``mla_components.modules.triton_layers.TritonRMSNorm``).
 
 Forward, per row ``x [d]``: ``rstd = 1 / sqrt(mean(x^2) + eps)``, ``y = cast(x * rstd) * scale``.
 Backward, with ``x_hat = x * rstd`` and ``g = dy * scale``:
@@ -9,7 +10,6 @@ Backward, with ``x_hat = x * rstd`` and ``g = dy * scale``:
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
 ROWS_PER_PROGRAM_BWD = 8
 
@@ -130,24 +130,3 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Triton RMSNorm over the last dim (differentiable in ``x`` and ``scale``)."""
     return RMSNormFunction.apply(x, scale, eps)
-
-
-class TritonRMSNorm(nn.Module):
-    """Drop-in for ``torchtune.modules.RMSNorm`` (same ``scale`` parameter, so state dicts load unchanged).
-
-    Args:
-        dim (int): normalised (last) dim.
-        eps (float): added to the mean square.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        if dim <= 0:
-            raise ValueError(f"dim must be positive, got {dim}")
-        self.normalized_shape = (dim,)
-        self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., dim] -> [..., dim]``."""
-        return rms_norm(x, self.scale, self.eps)

@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mla_components.modules.rope import DecoupledRotaryEmbedding
-
 
 @triton.jit
 def _rope_interleaved(
@@ -109,17 +107,3 @@ class InterleavedRoPEFunction(torch.autograd.Function):
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Differentiable interleaved rotation of ``x [b, s, n_h, d]`` by ``cos``/``sin`` ``[b or 1, s, d/2]``."""
     return InterleavedRoPEFunction.apply(x, cos, sin)
-
-
-class TritonDecoupledRotaryEmbedding(DecoupledRotaryEmbedding):
-    """``DecoupledRotaryEmbedding`` (same YaRN frequencies, same cache) whose forward runs the Triton kernel.
-
-    ``forward(x [b, s, n_h, d], *, input_pos [b, s] | [s] | None) -> [b, s, n_h, d]`` in ``x``'s dtype, with
-    Torchtune's numerics (fp32 rotation, cast back).
-    """
-
-    def forward(self, x: torch.Tensor, *, input_pos: torch.Tensor | None = None) -> torch.Tensor:
-        seq_len = x.size(1)
-        rope_cache = self.cache[:seq_len] if input_pos is None else self.cache[input_pos]
-        rope_cache = rope_cache.view(-1, seq_len, self.dim // 2, 2)
-        return apply_interleaved_rope(x, rope_cache[..., 0], rope_cache[..., 1])

@@ -149,7 +149,7 @@ def _validate(args: list[str]) -> None:
 def _run(args: list[str]) -> None:
     argv = tune_run_argv(args)
     _validate(argv[1:])
-    from mla_components.torchtune_compat import cpu_env
+    from mla_components.compat.torchtune import cpu_env
 
     tune = shutil.which("tune") or str(Path(sys.executable).with_name("tune"))
     os.execve(tune, [tune, *argv], cpu_env())  # the CPU fallbacks act only where CUDA is absent

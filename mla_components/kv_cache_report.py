@@ -1,14 +1,12 @@
-"""KV-cache size of any Torchtune decoder, measured from the cache tensors it allocates.
-
-    python -m mla_components.kv_cache_report            # mla_1b (bf16 and fp8 cache) vs gqa_1b vs mha_1b
+"""KV-cache size of any Torchtune decoder, measured from the cache tensors it allocates (the passkey evaluation and
+the main job report it; ``python benchmarks/kv_cache_report.py`` prints :func:`kv_cache_table`).
 
 Models are built on the meta device (no weights allocated); only the caches are real tensors. Bytes per token are
 read off caches allocated at two lengths (and checked to grow linearly) before being scaled to 128k and 1M tokens.
 The ``mla_1b_fp8`` row is ``mla_1b(kv_cache_dtype="fp8_e4m3")``: FlashMLA's 656-byte rows (e4m3 latent, fp32 group
-scales, bf16 rope key), whatever ``--dtype`` says.
+scales, bf16 rope key), whatever the cache dtype says.
 """
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,21 +89,14 @@ def mla_1b_fp8(**overrides) -> TransformerDecoder:
     return mla_1b(**{"kv_cache_dtype": "fp8_e4m3", **overrides})
 
 
-def main(argv: list[str] | None = None) -> str:
+def kv_cache_table(dtype: str = "bfloat16") -> str:
+    """Print and return the table of mla_1b (bf16 and fp8 cache) vs gqa_1b vs mha_1b, caches in ``dtype``."""
     from mla_components.models import gqa_1b, mha_1b, mla_1b
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
     rows = [
-        CacheRow(name, kv_cache_bytes_per_token(builder, dtype))
+        CacheRow(name, kv_cache_bytes_per_token(builder, getattr(torch, dtype)))
         for name, builder in (("mla_1b", mla_1b), ("mla_1b_fp8", mla_1b_fp8), ("gqa_1b", gqa_1b), ("mha_1b", mha_1b))
     ]
     table = format_table(rows, reference="mla_1b")
-    print(f"KV cache per sequence ({args.dtype}), measured from allocated cache tensors:\n{table}")
+    print(f"KV cache per sequence ({dtype}), measured from allocated cache tensors:\n{table}")
     return table
-
-
-if __name__ == "__main__":
-    main()

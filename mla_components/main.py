@@ -33,11 +33,10 @@ import torch
 from omegaconf import OmegaConf
 
 from mla_components.checkpointing import epoch_dirs
-from mla_components.generation import greedy_generate
-from mla_components.kv_cache_report import allocated_kv_cache_bytes
-from mla_components.kv_cache_report import main as kv_cache_table
+from mla_components.compat.torchtune import cpu_env
+from mla_components.decoding import greedy_generate
+from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_table
 from mla_components.models import mla_tiny
-from mla_components.torchtune_compat import cpu_env
 
 STEPS = 9
 CACHED_LOGIT_TOLERANCE = 1e-4  # fp32: the absorbed (cached) and expanded (uncached) paths agree to ~1e-6
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"      serve it: python -m vllm.entrypoints.openai.api_server --model {exported}  (docs/serving.md)")
 
     _step(8, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
-    kv_cache_table([])
+    kv_cache_table()
 
     _step(9, "passkey evaluation, SFT vs DPO side by side (context length x needle depth)")
     from mla_components.evaluation.passkey import evaluate_checkpoints

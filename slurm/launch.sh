@@ -96,9 +96,9 @@ fi
 log "job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart $RESTART on $NNODES node(s) x $NPROC_PER_NODE process(es)"
 log "recipe $RECIPE, config $CONFIG, output $OUTPUT_DIR, per-node logs $LOG_DIR/node<index>-<host>.log"
 log "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<unset>} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-<unset>}"
-# Torchtune 0.6.1's distributed recipes assume CUDA in three places (mla_components/torchtune_compat.py); its
+# Torchtune 0.6.1's distributed recipes assume CUDA in three places (mla_components/compat/torchtune.py); its
 # sitecustomize installs CPU fallbacks in every rank, and changes nothing on nodes with CUDA.
-compat_site=$(python -c 'from mla_components.torchtune_compat import SITE_DIR; print(SITE_DIR)') ||
+compat_site=$(python -c 'from mla_components.compat.torchtune import SITE_DIR; print(SITE_DIR)') ||
   die "mla_components is not importable with $(command -v python): install the project (make setup)"
 export PYTHONPATH="$compat_site${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_DIST_INIT_BARRIER=${TORCH_DIST_INIT_BARRIER:-1}

@@ -13,6 +13,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mla_components._triton_compat import fix_interpreter_scalars  # noqa: E402  (after TRITON_INTERPRET is set)
+from mla_components.compat.triton_interpreter import fix_interpreter_scalars  # noqa: E402  (after TRITON_INTERPRET is set)
 
 fix_interpreter_scalars()  # models apply it themselves (kernel_backend="triton"); kernel tests call kernels directly

@@ -49,7 +49,7 @@ def test_wheel_ships_configs_recipes_and_data_files(tmp_path):
         "mla_recipes/configs/mla_tiny/sft_distributed.yaml",
         "mla_recipes/passkey_eval.py",
         "mla_kernels/mla_decode.py",
-        "mla_components/_cpu_site/sitecustomize.py",
+        "mla_components/compat/_cpu_site/sitecustomize.py",
         "mla_components/evaluation/lm_eval_tasks/mla_passkey/mla_passkey.yaml",
         "mla_components/data/_tokenizer.py",
     ]:

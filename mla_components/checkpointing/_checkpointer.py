@@ -24,7 +24,7 @@ from mla_components.checkpointing._hf_format import (
     write_hf_checkpoint,
 )
 from mla_components.checkpointing._lock import lock_output_dir
-from mla_components.torchtune_compat import end_with_launcher
+from mla_components.compat.torchtune import end_with_launcher
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,8 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
     def load_checkpoint(self) -> dict[str, Any]:
         source = self._resume_dir or self._checkpoint_dir
         files = None if self._resume_dir else self._checkpoint_files
-        if "quantization_config" in read_config(source):
-            # a weight-only quantised export, dequantised: evaluating it measures the quantisation's quality cost
-            from mla_components.export import load_exported_checkpoint
-
-            config, model_state = load_exported_checkpoint(source)
-        else:
-            config, model_state = load_hf_checkpoint(source, files)
+        # a weight-only quantised export is read dequantised: evaluating it measures the quantisation's quality cost
+        config, model_state = load_hf_checkpoint(source, files, dequantize=True)
         state: dict[str, Any] = {training.MODEL_KEY: model_state}
         if self._resume_dir is not None:
             recipe_state = torch.load(self._resume_dir / f"{RECIPE_STATE}.pt", map_location="cpu", weights_only=False)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchtune.models import convert_weights
 
+from mla_components.checkpointing._quantized import read_quantized_safetensors, save_quantized_safetensors
 from mla_components.models import MLAConfig, mla, mla_hf_to_tune, mla_tune_to_hf
 
 # Files copied along with the weights so every checkpoint directory is self-contained for transformers and vLLM.
@@ -32,6 +33,7 @@ SIDE_FILES = (
     "generation_config.json",
 )
 WEIGHTS_NAME = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST_NAME = "checkpoint_manifest.json"  # sizes and SHA-256 of the other files, written last
 
 
@@ -150,6 +152,18 @@ def read_config(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    """``directory/config.json``, sorted and indented (diffable between checkpoints)."""
+    (Path(directory) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer and generation files (:data:`SIDE_FILES`) that ``src`` has into ``dst``."""
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
 def read_safetensors(directory: Path, files: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Load and merge the weight files of ``directory``; a corrupted or truncated file is refused by name."""
     directory = Path(directory)
@@ -227,11 +241,20 @@ def check_mla_keys(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) 
         )
 
 
-def load_hf_checkpoint(directory: Path, files: list[str] | None = None) -> tuple[dict[str, Any], dict]:
+def load_hf_checkpoint(
+    directory: Path, files: list[str] | None = None, *, dequantize: bool = False
+) -> tuple[dict[str, Any], dict]:
     """Read an HF directory into ``(config.json dict, Torchtune state dict)``, verifying its manifest (when it has
-    one) and validating MLA keys."""
+    one) and validating MLA keys.
+
+    With ``dequantize``, a weight-only quantised directory (``quantization_config`` in config.json, written by
+    ``mla_components.export``) is read with its weights dequantised to its ``torch_dtype``: exactly the function a
+    weight-only quantised matmul computes (``files`` does not apply: an export is one file)."""
     verify_manifest(directory)
     config = read_config(directory)
+    if dequantize and "quantization_config" in config:
+        dtype = DTYPES[config.get("torch_dtype", "bfloat16")]
+        return config, hf_to_tune(read_quantized_safetensors(Path(directory) / WEIGHTS_NAME, dtype), config)
     hf_state = read_safetensors(directory, files)
     try:
         tune_state = hf_to_tune(hf_state, config)
@@ -257,17 +280,42 @@ def write_hf_checkpoint(
     and its manifest; ``check_target`` as in :func:`atomic_directory`."""
     hf_state = {k: v.detach().to("cpu").contiguous() for k, v in tune_to_hf(tune_state, config).items()}
     dtypes = {v.dtype for v in hf_state.values()}
+    config = dict(config)
+    if len(dtypes) == 1:
+        config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    return write_hf_directory(
+        target,
+        hf_state,
+        config,
+        side_files_from=side_files_from,
+        extra=extra,
+        text_files=text_files,
+        check_target=check_target,
+    )
+
+
+def write_hf_directory(
+    target: Path,
+    hf_state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    *,
+    quantized: bool = False,
+    side_files_from: Path | None = None,
+    extra: dict[str, Any] | None = None,
+    text_files: dict[str, str] | None = None,
+    check_target: Callable[[Path], None] | None = None,
+) -> Path:
+    """:func:`write_hf_checkpoint` for a state dict already in HF keys, written as is (``config`` unchanged);
+    ``quantized``: it holds torchao tensor subclasses, saved in torchao's safetensors layout. Files are written in
+    this order, so ``text_files`` replace same-named side files."""
     with atomic_directory(Path(target), check_target=check_target) as tmp:
-        save_file(hf_state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = dict(config)
-        if len(dtypes) == 1:
-            config["torch_dtype"] = str(dtypes.pop()).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if quantized:
+            save_quantized_safetensors(hf_state, tmp / WEIGHTS_NAME)
+        else:
+            save_file(hf_state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        write_config(tmp, config)
         if side_files_from is not None:
-            for name in SIDE_FILES:
-                src = Path(side_files_from) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+            copy_side_files(side_files_from, tmp)
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / f"{name}.pt")
         for name, text in (text_files or {}).items():

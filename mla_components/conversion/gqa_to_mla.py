@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from mla_components._validation import check_positive_int, check_rope_dim
 from mla_components.models import MLAConfig
 from mla_components.modules.rope import identity_yarn
 
@@ -115,11 +116,8 @@ class OriginShape:
 
 def check_conversion_args(shape: OriginShape, kv_lora_rank: int, qk_rope_head_dim: int) -> None:
     """Refuse, naming the field, ranks the method cannot produce from this origin (before any compute)."""
-    for name, value in (("kv_lora_rank", kv_lora_rank), ("qk_rope_head_dim", qk_rope_head_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if qk_rope_head_dim % 2:
-        raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+    check_positive_int("kv_lora_rank", kv_lora_rank)
+    check_rope_dim(qk_rope_head_dim)
     if qk_rope_head_dim > shape.head_dim:
         raise ValueError(
             f"qk_rope_head_dim={qk_rope_head_dim} exceeds the origin's head dim ({shape.head_dim}): the shared "

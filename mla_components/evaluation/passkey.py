@@ -8,7 +8,7 @@ Order of work (every config error surfaces before any weights are read):
 3. generate every prompt (the training data's haystack code, ``split="eval"``) and check that prompt + new tokens fit
    each model;
 4. per model: load weights, then per context length set up one KV cache of ``longest prompt + max_new_tokens``
-   tokens and run :func:`~mla_components.evaluation.decoding.chunked_prefill_greedy` for every trial of the row;
+   tokens and run :func:`~mla_components.decoding.chunked_prefill_greedy` for every trial of the row;
 5. score (:mod:`~mla_components.evaluation.scoring`) and write the report (:mod:`~mla_components.evaluation.report`).
 
 Each trial's needle comes from its own seed, derived from ``seed``, the length, the depth and the trial index, so
@@ -31,7 +31,8 @@ from torchtune import config, training, utils
 from torchtune.modules.common_utils import local_kv_cache
 from tqdm import tqdm
 
-from mla_components.evaluation.decoding import chunked_prefill_greedy
+from mla_components._validation import check_positive_int, is_positive_int
+from mla_components.decoding import chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
 from mla_components.evaluation.report import ModelResult, write_report
 from mla_components.evaluation.scoring import extract_value, is_correct
@@ -76,7 +77,7 @@ class PasskeyGrid:
             raise ValueError(
                 f"prompt_format=landmark asks for a pass key: needle_kind must be passkey, got {self.needle_kind!r}"
             )
-        if not self.context_lengths or any(not isinstance(n, int) or n <= 0 for n in self.context_lengths):
+        if not self.context_lengths or any(not is_positive_int(n) for n in self.context_lengths):
             raise ValueError(
                 f"context_lengths must be a non-empty list of positive integers, got {self.context_lengths}"
             )
@@ -90,9 +91,7 @@ class PasskeyGrid:
         if len(set(self.depths)) != len(self.depths):
             raise ValueError(f"depths has duplicates: {self.depths}")
         for name in ("trials_per_cell", "max_new_tokens", "prefill_chunk"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(name, getattr(self, name))
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> PasskeyGrid:

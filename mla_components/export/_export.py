@@ -1,35 +1,18 @@
 """Training checkpoint -> servable HF DeepseekV3 directory (validated, cast, optionally torchao-quantised)."""
 
 import json
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
-from mla_components.checkpointing import (
-    atomic_directory,
-    epoch_dirs,
-    load_hf_checkpoint,
-    read_config,
-    verify_manifest,
-)
-from mla_components.checkpointing._hf_format import SIDE_FILES, WEIGHTS_NAME, tune_to_hf, write_hf_checkpoint
-from mla_components.export._quantize import (
-    QUANTIZATIONS,
-    quantization_config,
-    quantize_weights,
-    save_quantized_safetensors,
-    unflatten_quantized,
-)
+from mla_components.checkpointing import epoch_dirs, load_hf_checkpoint, read_config
+from mla_components.checkpointing._hf_format import DTYPES, tune_to_hf, write_hf_checkpoint, write_hf_directory
+from mla_components.export._quantize import QUANTIZATIONS, quantization_config, quantize_weights
 from mla_components.export._validate import TOKENIZER_FILES, ExportError, validate_serving_config
-from mla_components.models import mla_hf_to_tune
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "EXPORT_MARKER", "check_output", "export_checkpoint", "load_exported_checkpoint"]
 EXPORT_MARKER = "mla_export.json"  # written into every export: what --overwrite may replace
 
 
@@ -91,13 +74,6 @@ def _generation_config(src: Path, config: dict[str, Any]) -> dict[str, Any]:
     return {**ids, "do_sample": False}
 
 
-def _copy_side_files(src: Path, dst: Path, generation: dict[str, Any]) -> None:
-    for name in SIDE_FILES:
-        if name != "generation_config.json" and (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    (dst / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
-
-
 def export_checkpoint(
     src: str | Path,
     dst: str | Path,
@@ -141,22 +117,21 @@ def export_checkpoint(
         tune_state["output.weight"] = tune_state["tok_embeddings.weight"].clone()
     config = {k: v for k, v in config.items() if k not in ("torch_dtype", "dtype", "quantization_config")}
     generation = _generation_config(src, config)
-    marker = {EXPORT_MARKER: json.dumps({"source": str(src.resolve()), "dtype": dtype, "quantize": quantize}) + "\n"}
+    text_files = {
+        EXPORT_MARKER: json.dumps({"source": str(src.resolve()), "dtype": dtype, "quantize": quantize}) + "\n",
+        # after the copied side files, so this replaces the source's generation_config.json
+        "generation_config.json": json.dumps(generation, indent=2, sort_keys=True) + "\n",
+    }
     if quantize is None:
         tune_state = {k: v.to(DTYPES[dtype]) for k, v in tune_state.items()}
-        with tempfile.TemporaryDirectory() as side:
-            _copy_side_files(src, Path(side), generation)
-            return write_hf_checkpoint(
-                dst, tune_state, config, side_files_from=Path(side), text_files=marker, check_target=check
-            )
+        return write_hf_checkpoint(
+            dst, tune_state, config, side_files_from=src, text_files=text_files, check_target=check
+        )
     hf_state = quantize_weights(tune_to_hf(tune_state, config), quantize, DTYPES[dtype])
-    with atomic_directory(dst, check_target=check) as tmp:
-        save_quantized_safetensors(hf_state, tmp / WEIGHTS_NAME)
-        config = {**config, "torch_dtype": dtype, "quantization_config": quantization_config(quantize)}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _copy_side_files(src, tmp, generation)
-        (tmp / EXPORT_MARKER).write_text(marker[EXPORT_MARKER])
-    return dst
+    config = {**config, "torch_dtype": dtype, "quantization_config": quantization_config(quantize)}
+    return write_hf_directory(
+        dst, hf_state, config, quantized=True, side_files_from=src, text_files=text_files, check_target=check
+    )
 
 
 def load_exported_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -166,21 +141,4 @@ def load_exported_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dic
     quantised matmul computes; so evaluating our model on this state dict measures the quantisation's quality
     cost (e.g. on the passkey eval) without transformers or vLLM.
     """
-    directory = Path(directory)
-    config = read_config(directory)
-    if "quantization_config" not in config:
-        return load_hf_checkpoint(directory)
-    verify_manifest(directory)
-    path = directory / WEIGHTS_NAME
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-        flat = load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"refusing corrupted safetensors file {path}: {e}") from e
-    dtype = DTYPES[config.get("torch_dtype", "bfloat16")]
-    hf_state = {
-        k: (v.dequantize() if type(v) is not torch.Tensor else v).to(dtype)
-        for k, v in unflatten_quantized(flat, metadata).items()
-    }
-    return config, mla_hf_to_tune(hf_state, tie_word_embeddings=config.get("tie_word_embeddings", False))
+    return load_hf_checkpoint(Path(directory), dequantize=True)

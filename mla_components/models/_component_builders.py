@@ -6,24 +6,11 @@ As in ``torchtune.models.llama3_2._component_builders``, builders take sizes and
 
 from torch import nn
 from torchtune.models.llama3_2._component_builders import llama3_mlp
-from torchtune.modules import RMSNorm, TiedLinear, TransformerDecoder, TransformerSelfAttentionLayer
+from torchtune.modules import TiedLinear, TransformerDecoder, TransformerSelfAttentionLayer
 
-from mla_components._triton_compat import fix_interpreter_scalars
 from mla_components.models._config import MLAConfig
-from mla_components.modules import DecoupledRotaryEmbedding, MultiHeadLatentAttention, mla_softmax_scale
-
-
-def norm_and_rope_classes(kernel_backend: str) -> tuple[type[nn.Module], type[nn.Module]]:
-    """The RMSNorm and decoupled-RoPE modules for a ``kernel_backend``: the Triton ones (same parameters and
-    numerics, forward and backward kernels, so training uses them too) with ``"triton"``, Torchtune's otherwise.
-    ``"auto"`` selects Triton for cached decode only: the training path switches when it is asked for."""
-    if kernel_backend != "triton":
-        return RMSNorm, DecoupledRotaryEmbedding
-    fix_interpreter_scalars()  # on CPU (TRITON_INTERPRET=1) only
-    from mla_kernels.rms_norm import TritonRMSNorm  # imports Triton only for this backend
-    from mla_kernels.rope import TritonDecoupledRotaryEmbedding
-
-    return TritonRMSNorm, TritonDecoupledRotaryEmbedding
+from mla_components.modules import MultiHeadLatentAttention, mla_softmax_scale
+from mla_components.modules.backend import norm_and_rope_classes
 
 
 def mla_attention(config: MLAConfig, pos_embeddings: nn.Module) -> MultiHeadLatentAttention:

@@ -3,12 +3,12 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from mla_kernels.reference import FP8_GROUP_SIZE
+from mla_kernels.fp8 import FP8_GROUP_SIZE
 
+from mla_components._validation import check_positive_int, check_rope_dim, is_positive_int
+from mla_components.modules.backend import validate_kernel_backend
 from mla_components.modules.kv_cache import validate_kv_cache_dtype
 from mla_components.modules.rope import validate_rope_scaling
-
-KERNEL_BACKENDS = ("torch", "triton", "auto")
 
 
 @dataclass(frozen=True)
@@ -50,26 +50,20 @@ class MLAConfig:
             "qk_rope_head_dim",
             "v_head_dim",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.q_lora_rank is not None and (
-            isinstance(self.q_lora_rank, bool) or not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0
-        ):
+            check_positive_int(name, getattr(self, name))
+        if self.q_lora_rank is not None and not is_positive_int(self.q_lora_rank):
             raise ValueError(
                 f"q_lora_rank must be a positive integer (low-rank query) or None (one projection), "
                 f"got {self.q_lora_rank!r}"
             )
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        check_rope_dim(self.qk_rope_head_dim)
         if not self.rope_base > 0:
             raise ValueError(f"rope_base must be positive, got {self.rope_base}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if not 0.0 <= self.attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {self.attn_dropout}")
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {self.kernel_backend!r}")
+        validate_kernel_backend(self.kernel_backend)
         validate_kv_cache_dtype(self.kv_cache_dtype, self.kv_lora_rank)
         validate_rope_scaling(self.rope_scaling)
         if self.rope_scaling:  # one canonical form: YaRN is the only kind, so the type tag is implied

@@ -15,12 +15,13 @@ Two ways to compute the same function:
 
 import torch
 import torch.nn.functional as F
-from mla_kernels.backend import resolve_backend
-from mla_kernels.reference import absorbed_attention_torch
+from mla_kernels.fp8 import dequantize_latent_fp8
 from torch import nn
 from torchtune.modules.attention_utils import _MaskType
 
-from mla_components.modules.kv_cache import MLAKVCache, validate_kv_cache_dtype
+from mla_components._validation import check_positive_ints, check_rope_dim
+from mla_components.modules.backend import resolve_backend, validate_kernel_backend
+from mla_components.modules.kv_cache import MLAKVCache, causal_cache_mask, validate_kv_cache_dtype
 
 try:  # flex attention handles packed-sequence BlockMasks (optional, as in Torchtune)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -40,6 +41,32 @@ def _in_features(module: nn.Module) -> int:
 # cache (the Triton kernel with that backend; each query row streams the cache once). Longer chunks are prefill:
 # they expand the cached prefix once and run SDPA.
 TRITON_DECODE_MAX_QUERIES = 4
+
+
+def absorbed_attention_torch(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    mask: torch.Tensor | None,
+    softmax_scale: float,
+    c_kv_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Latent attention in PyTorch: ``q_latent [b, s, H, d_c]``, ``q_pe [b, s, H, d_r]``, ``c_kv [b, t, d_c]``,
+    ``k_pe [b, t, d_r]``, ``mask [b, s, t]`` (True = attend; None = all keys) -> ``[b, s, H, d_c]``.
+
+    Products in the queries' dtype, softmax in fp32 (the ``torch`` decode backend; also the
+    "absorbed PyTorch" row of benchmarks/benchmark_mla.py). An fp8 cache passes the e4m3
+    ``c_kv`` with its ``c_kv_scale [b, t, d_c / FP8_GROUP_SIZE]``; it is dequantised to the queries' dtype here."""
+    if c_kv_scale is not None:
+        c_kv = dequantize_latent_fp8(c_kv, c_kv_scale, q_latent.dtype)
+    k_pe = k_pe.to(q_latent.dtype)  # the fp8 cache keeps the rope key in bf16 whatever the model's dtype
+    scores = torch.einsum("bshc,btc->bsht", q_latent, c_kv) + torch.einsum("bshr,btr->bsht", q_pe, k_pe)
+    scores = scores.float() * softmax_scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(c_kv.dtype)
+    return torch.einsum("bsht,btc->bshc", probs, c_kv)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -64,7 +91,8 @@ class MultiHeadLatentAttention(nn.Module):
         max_seq_len (int): maximum sequence length (for Torchtune's bookkeeping).
         is_causal (bool): causal masking when no mask is given.
         attn_dropout (float): attention dropout in training.
-        kernel_backend (str): ``"torch"``, ``"triton"`` or ``"auto"`` for the cached decode step.
+        kernel_backend (str): ``"torch"``, ``"triton"`` or ``"auto"`` for the cached decode step, resolved once per
+            :meth:`setup_cache` (:mod:`mla_components.modules.backend`; the builder picks RMSNorm/RoPE).
         kv_cache_dtype (str): ``"bf16"`` (the latent cache in the model's dtype) or ``"fp8_e4m3"`` (e4m3 latent with
             per-128-value fp32 scales, rope key in bf16; dequantised in the decode kernel's loads or, in PyTorch,
             before the absorbed product); see :class:`MLAKVCache`.
@@ -100,7 +128,7 @@ class MultiHeadLatentAttention(nn.Module):
         kv_cache_dtype: str = "bf16",
     ) -> None:
         super().__init__()
-        for name, value in dict(
+        check_positive_ints(
             embed_dim=embed_dim,
             num_heads=num_heads,
             qk_nope_head_dim=qk_nope_head_dim,
@@ -108,14 +136,12 @@ class MultiHeadLatentAttention(nn.Module):
             v_head_dim=v_head_dim,
             kv_lora_rank=kv_lora_rank,
             max_seq_len=max_seq_len,
-        ).items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {qk_rope_head_dim}")
+        )
+        check_rope_dim(qk_rope_head_dim)
         if not 0.0 <= attn_dropout <= 1.0:
             raise ValueError(f"attn_dropout must be in [0, 1], got {attn_dropout}")
         validate_kv_cache_dtype(kv_cache_dtype, kv_lora_rank)
+        validate_kernel_backend(kernel_backend)
         low_rank = (q_a_proj, q_a_norm, q_b_proj)
         if (q_proj is None) == all(m is None for m in low_rank) or (
             q_proj is None and any(m is None for m in low_rank)
@@ -157,6 +183,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.is_causal = is_causal
         self.attn_dropout = attn_dropout
         self.kernel_backend = kernel_backend
+        self.decode_backend: str | None = None  # "torch" | "triton", resolved once by setup_cache
         self.kv_cache_dtype = kv_cache_dtype
 
         self.q_proj = q_proj
@@ -176,11 +203,14 @@ class MultiHeadLatentAttention(nn.Module):
     # ----------------------------------------------------------------- cache protocol
     def setup_cache(self, batch_size: int, dtype: torch.dtype, max_seq_len: int) -> None:
         """Allocate the latent cache (``[batch_size, max_seq_len, d_c + d_r]`` in ``dtype``, or the fp8 rows of
-        :class:`MLAKVCache` with ``kv_cache_dtype="fp8_e4m3"``) and enable it."""
+        :class:`MLAKVCache` with ``kv_cache_dtype="fp8_e4m3"``) and enable it; resolve ``kernel_backend`` for the
+        cached decode against the weights' device (once, not per step; see :mod:`mla_components.modules.backend`)."""
         if self.kv_cache is not None:
             return  # like Torchtune: a second call keeps the existing cache
         device = self.kv_b_proj.weight.device
-        with torch.device("cpu" if device.type == "meta" else device):
+        device = torch.device("cpu") if device.type == "meta" else device
+        self.decode_backend = resolve_backend(self.kernel_backend, device)
+        with device:
             self.kv_cache = MLAKVCache(
                 batch_size, max_seq_len, self.kv_lora_rank, self.qk_rope_head_dim, dtype, self.kv_cache_dtype
             )
@@ -239,9 +269,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.kv_cache is not None and self.cache_enabled:
             if mask is None:  # causal over what has been cached so far
                 filled = self.kv_cache.size
-                keys = torch.arange(self.kv_cache.max_seq_len, device=x.device)
-                queries = torch.arange(filled - s_x, filled, device=x.device)
-                mask = (keys[None, :] <= queries[:, None]).unsqueeze(0).expand(b, -1, -1)
+                mask = causal_cache_mask(filled - s_x, s_x, self.kv_cache.max_seq_len, x.device).expand(b, -1, -1)
             if s_x > TRITON_DECODE_MAX_QUERIES:
                 # A prefill chunk: expanding the filled prefix once and running SDPA over it beats the absorbed
                 # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill.
@@ -279,10 +307,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         w_uk, w_uv = self._kv_b_weights()
         q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-        if (
-            q_latent.shape[1] <= TRITON_DECODE_MAX_QUERIES
-            and resolve_backend(self.kernel_backend, q_latent.device) == "triton"
-        ):
+        if q_latent.shape[1] <= TRITON_DECODE_MAX_QUERIES and self.decode_backend == "triton":
             out_latent = self._triton_latent_decode(q_latent, q_pe, c_kv, k_pe, mask, c_kv_scale)
         else:
             out_latent = absorbed_attention_torch(q_latent, q_pe, c_kv, k_pe, mask, self.softmax_scale, c_kv_scale)

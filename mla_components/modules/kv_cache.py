@@ -1,7 +1,7 @@
 """Latent KV cache for MLA: stores only ``c_kv`` and ``k_pe``, never per-head keys or values."""
 
 import torch
-from mla_kernels.reference import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8
+from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8
 from torch import nn
 
 # "bf16": the latent unquantised, in the dtype given to ``setup_caches`` (bf16 in every bf16 run; fp32 CPU runs keep
@@ -22,6 +22,15 @@ def validate_kv_cache_dtype(kv_cache_dtype: str, kv_lora_rank: int) -> None:
             f"kv_lora_rank ({kv_lora_rank}) must be a multiple of {FP8_GROUP_SIZE} with kv_cache_dtype='fp8_e4m3' "
             f"(one fp32 scale per {FP8_GROUP_SIZE} latent values)"
         )
+
+
+def causal_cache_mask(start: int, length: int, cache_len: int, device: torch.device) -> torch.Tensor:
+    """``[1, length, cache_len]`` boolean mask for queries at positions ``start .. start + length - 1`` over a KV
+    cache of ``cache_len`` slots: each sees the cached positions up to and including its own (the mask Torchtune's
+    ``generate`` slices from its causal mask over the cache)."""
+    keys = torch.arange(cache_len, device=device)
+    queries = torch.arange(start, start + length, device=device)
+    return (keys[None, :] <= queries[:, None]).unsqueeze(0)
 
 
 class MLAKVCache(nn.Module):

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torchtune.modules import RotaryPositionalEmbeddings
 
+from mla_components._validation import check_rope_dim
+
 # Keys accepted in ``rope_scaling`` (HF DeepseekV3 ``rope_scaling`` / ``rope_parameters`` names).
 YARN_REQUIRED_KEYS = ("factor", "original_max_position_embeddings")
 YARN_OPTIONAL_KEYS = ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor", "truncate")
@@ -133,8 +135,7 @@ class DecoupledRotaryEmbedding(RotaryPositionalEmbeddings):
         base: float = 10_000,
         rope_scaling: dict[str, Any] | None = None,
     ) -> None:
-        if dim <= 0 or dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be a positive even number, got {dim}")
+        check_rope_dim(dim)
         validate_rope_scaling(rope_scaling)
         self.rope_scaling = dict(rope_scaling) if rope_scaling else None
         super().__init__(dim=dim, max_seq_len=max_seq_len, base=base)

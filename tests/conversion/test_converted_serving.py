@@ -16,8 +16,8 @@ from torchtune.data import Message
 
 from mla_components.checkpointing import load_hf_checkpoint
 from mla_components.data import hf_tokenizer
+from mla_components.decoding import greedy_generate
 from mla_components.export import export_checkpoint, load_exported_checkpoint
-from mla_components.generation import greedy_generate
 from mla_components.models import mla_from_checkpoint
 from tests.serving.conftest import (
     SERVING,

@@ -9,7 +9,7 @@ import torch
 
 from mla_components.checkpointing import AtomicHFCheckpointer, read_config
 from mla_components.conversion import load_origin, origin_model
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.models import SMOLLM2_135M_CONFIG, llama_from_hf_config, smollm2_135m
 
 REL_TOL = 1e-4

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torchtune.modules.common_utils import local_kv_cache
 
-from mla_components.evaluation.decoding import chunked_prefill_greedy
-from mla_components.generation import greedy_generate
+from mla_components.decoding import chunked_prefill_greedy, greedy_generate
 from mla_components.models import gqa_tiny, mla_tiny
 
 

@@ -112,7 +112,8 @@ KNOWN_REPLIES = [
 def test_mla_passkey_scoring_through_the_real_harness():
     """The task's own filters and metric (regex first digit run + exact_match), run by lm-eval's evaluator on a
     model whose replies are known: every document scores exactly what the passkey recipe's rule gives."""
-    from mla_components.evaluation.eleuther_eval import TASKS_DIR, _alias_transformers_v5
+    from mla_components.compat.lm_eval import _alias_transformers_v5
+    from mla_components.evaluation.eleuther_eval import TASKS_DIR
 
     _alias_transformers_v5()  # lm-eval <= 0.4.8 reads a name transformers 5 renamed
     from lm_eval import simple_evaluate

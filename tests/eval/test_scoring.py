@@ -85,8 +85,8 @@ class _RecordingLayer(nn.Module):
 
 
 class AnsweringStub(nn.Module):
-    """Stands in for a TransformerDecoder (cache protocol, embeddings, layers, unembed) and answers each prompt with
-    a planned text followed by the end-of-turn token, one greedy token at a time."""
+    """Stands in for a TransformerDecoder (cache protocol, forward over embeddings, layers and unembed) and answers
+    each prompt with a planned text followed by the end-of-turn token, one greedy token at a time."""
 
     def __init__(self, plan: dict[tuple[int, ...], str], tokenizer, vocab: int = 512):
         super().__init__()
@@ -112,6 +112,14 @@ class AnsweringStub(nn.Module):
 
     def reset_caches(self):
         self.seen = []
+
+    def forward(self, tokens, *, mask, input_pos):
+        """``TransformerDecoder.forward``'s path: ``tokens [b, s]`` -> logits ``[b, 1, vocab]`` (the planned next
+        token, whatever the position)."""
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        return self.unembed(h)
 
     def unembed(self, h):
         prompt = next(p for p in self.plan if tuple(self.seen[: len(p)]) == p)

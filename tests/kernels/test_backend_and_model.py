@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from mla_kernels import backend
-from mla_kernels.backend import resolve_backend
 
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.models import mla_tiny
+from mla_components.modules import backend
+from mla_components.modules.backend import resolve_backend
 from tests._requirements import unavailable
 
 
@@ -36,6 +36,18 @@ def test_resolve_backend_errors_name_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install"):
         resolve_backend("triton", "cuda")
     assert resolve_backend("auto", "cuda") == "torch"
+
+
+def test_the_decode_backend_is_resolved_once_per_cache_setup_not_per_step(monkeypatch):
+    from mla_components.modules import attention
+
+    calls = []
+    real = attention.resolve_backend
+    monkeypatch.setattr(attention, "resolve_backend", lambda *a: calls.append(a) or real(*a))
+    model = _tiny("auto", "cpu")
+    greedy_generate(model, torch.randint(1, 512, (9,), generator=torch.Generator().manual_seed(0)), 6)
+    assert len(calls) == len(model.layers), "one resolution per attention module, at setup_caches"
+    assert {layer.attn.decode_backend for layer in model.layers} == {"torch"}  # auto on CPU
 
 
 def _tiny(kernel_backend, device):
@@ -75,10 +87,8 @@ def test_mla_tiny_greedy_generation_same_tokens_with_torch_and_triton(device, mo
 def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numerics(device):
     """``kernel_backend="triton"`` builds every RMSNorm and the decoupled RoPE from the Triton kernels; one training
     step (forward, loss, backward) gives the torch backend's loss and gradients, from the same state dict."""
-    from mla_kernels.rms_norm import TritonRMSNorm
-    from mla_kernels.rope import TritonDecoupledRotaryEmbedding
-
     from mla_components.models import mla
+    from mla_components.modules.triton_layers import TritonDecoupledRotaryEmbedding, TritonRMSNorm
     from tests.model.conftest import YARN, randomize_, small_config
 
     if not backend.triton_available():
@@ -106,7 +116,7 @@ def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numeri
 
 _TRITON_PATH = """
 import torch
-from mla_components.generation import greedy_generate
+from mla_components.decoding import greedy_generate
 from mla_components.models import mla_tiny
 
 torch.manual_seed(0)

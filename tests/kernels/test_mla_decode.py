@@ -13,13 +13,9 @@ from tests._requirements import require_module
 
 require_module("triton", 'pip install -e ".[triton]"')
 
+from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8  # noqa: E402
 from mla_kernels.mla_decode import DecodeConfig, choose_num_splits, decode_bytes, mla_decode  # noqa: E402
-from mla_kernels.reference import (  # noqa: E402
-    FP8_GROUP_SIZE,
-    dequantize_latent_fp8,
-    mla_decode_reference,
-    quantize_latent_fp8,
-)
+from mla_kernels.reference import mla_decode_reference  # noqa: E402
 
 # Small tiles so that short sequences still cover several tiles and splits.
 SMALL = DecodeConfig(block_n=16, min_split_tokens=16)

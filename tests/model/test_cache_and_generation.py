@@ -7,9 +7,8 @@ import torch
 from torchtune.generation import generate
 from torchtune.modules.common_utils import local_kv_cache
 
-from mla_components.generation import greedy_generate
-from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_bytes_per_token
-from mla_components.kv_cache_report import main as kv_cache_report_main
+from mla_components.decoding import greedy_generate
+from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_bytes_per_token, kv_cache_table
 from mla_components.models import gqa_1b, mla, mla_1b, mla_tiny
 from mla_components.modules import MLAKVCache
 
@@ -130,9 +129,9 @@ def test_1b_cache_bytes_per_token_are_the_documented_numbers():
 
 
 def test_kv_cache_report_prints_the_readme_table():
-    """``python -m mla_components.kv_cache_report``: the table of the README, rows measured (MHA: 2 x 16 heads x
-    128 x 16 layers x 2 bytes; fp8 MLA: 16 layers x 656-byte rows)."""
-    table = kv_cache_report_main([]).splitlines()
+    """``python benchmarks/kv_cache_report.py`` (and the main job): the table of the README, rows measured (MHA:
+    2 x 16 heads x 128 x 16 layers x 2 bytes; fp8 MLA: 16 layers x 656-byte rows)."""
+    table = kv_cache_table().splitlines()
     rows = {line.split()[0]: line.split() for line in table[2:]}
     assert list(rows) == ["mla_1b", "mla_1b_fp8", "gqa_1b", "mha_1b"]
     assert [rows[m][1] for m in rows] == ["18,432", "10,496", "32,768", "131,072"]

@@ -19,12 +19,11 @@ the attended tokens instead of adding up), and the layers then scale it by their
 
 import pytest
 import torch
-from mla_kernels import backend
 
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_bytes_per_token
 from mla_components.models import MLAConfig, mla, mla_1b, mla_tiny
 from mla_components.models._model_builders import MLA_1B
-from mla_components.modules import MLAKVCache
+from mla_components.modules import MLAKVCache, backend
 from tests._requirements import unavailable
 
 from .conftest import randomize_, small_config

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mla_components.data import byte_tokenizer
+from mla_components.decoding import greedy_generate
 from mla_components.export import load_exported_checkpoint
-from mla_components.generation import greedy_generate
 from mla_components.models import MLAConfig, mla
 from tests._requirements import unavailable
 from tests.serving.conftest import SERVING, VLLM_ENV, vllm_has_torchao, vllm_python

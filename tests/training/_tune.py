@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mla_components.torchtune_compat import cpu_env
+from mla_components.compat.torchtune import cpu_env
 from mla_components.tracking import logged_metrics  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,10 +1,10 @@
-# Put on PYTHONPATH by `mla-tune run` (see mla_components/torchtune_compat.py): Torchtune's distributed recipes on
+# Put on PYTHONPATH by `mla-tune run` (see mla_components/compat/torchtune.py): Torchtune's distributed recipes on
 # a CPU-only machine. A user's own sitecustomize further down the path still runs.
 import importlib.util
 import sys
 from pathlib import Path
 
-from mla_components.torchtune_compat import apply, end_with_launcher
+from mla_components.compat.torchtune import apply, end_with_launcher
 
 apply()
 end_with_launcher()  # a torchrun worker dies with its launcher

@@ -1,8 +1,8 @@
 """MLA decode attention on one GPU: naive PyTorch vs absorbed PyTorch vs the fused Triton kernel.
 
-    python -m mla_kernels.benchmark_mla --json results.json            # the table of docs/results/kernels.md
-    python -m mla_kernels.benchmark_mla --sweep --json sweep.json      # stage-1 launch configs, per shape
-    python -m mla_kernels.benchmark_mla --fp8 --json fp8.json          # Triton over the bf16 vs the fp8 cache
+    python benchmarks/benchmark_mla.py --json results.json         # the table of docs/results/kernels.md
+    python benchmarks/benchmark_mla.py --sweep --json sweep.json   # stage-1 launch configs, per shape
+    python benchmarks/benchmark_mla.py --fp8 --json fp8.json       # Triton over the bf16 vs the fp8 cache
 
 Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
 latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:
@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict
 
 import torch
+from mla_kernels.fp8 import quantize_latent_fp8
 from mla_kernels.mla_decode import (
     DecodeConfig,
     decode_bytes,
@@ -40,7 +41,9 @@ from mla_kernels.mla_decode import (
     mla_decode,
     num_sms,
 )
-from mla_kernels.reference import absorbed_attention_torch, naive_decode_torch, quantize_latent_fp8
+from mla_kernels.reference import naive_decode_torch
+
+from mla_components.modules.attention import absorbed_attention_torch
 
 SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 16384), (128, 4096)]
 FP8_SHAPES = [(1, 131072), (8, 32768), (128, 4096)]  # issue 18: where bytes dominate, and the FlashMLA anchor

@@ -1,7 +1,7 @@
 """Per-token decode latency of whole models at long context: mla_1b (triton / torch backends) vs gqa_1b.
 
-    python -O -m mla_kernels.benchmark_decode_e2e --contexts 32768 131072 --json e2e.json
-    python -O -m mla_kernels.benchmark_decode_e2e --contexts 1048576 --models mla_1b:triton mla_1b_fp8:triton
+    python -O benchmarks/benchmark_decode_e2e.py --contexts 32768 131072 --json e2e.json
+    python -O benchmarks/benchmark_decode_e2e.py --contexts 1048576 --models mla_1b:triton mla_1b_fp8:triton
 
 (``-O`` strips the ``assert`` on the cache position in Torchtune's ``KVCache.update`` and ``MLAKVCache.update``:
 it reads a device tensor on the host, which CUDA-graph capture forbids.)
@@ -22,7 +22,7 @@ import statistics
 import sys
 
 import torch
-from mla_kernels.benchmark_mla import Timer
+from benchmark_mla import Timer  # benchmarks/ is the script's sys.path[0]
 
 from mla_components.models import gqa_1b, mla_1b
 from mla_components.modules import MLAKVCache

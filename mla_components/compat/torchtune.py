@@ -1,5 +1,8 @@
 """Let Torchtune 0.6.1's distributed recipes run unmodified on a CPU-only machine (gloo), for tests and demos.
 
+Targets torchtune==0.6.1 exactly (pinned in pyproject.toml; its last release): ``RELIES_ON`` fingerprints the
+functions and the recipe file this adapts.
+
 The recipes assume CUDA in three places, all outside the training math:
 
 - ``full_dpo_distributed`` calls ``init_process_group("cuda:nccl,cpu:gloo")``, which fails on a build without NCCL;
@@ -23,6 +26,17 @@ import signal
 import sys
 from pathlib import Path
 
+UPSTREAM = {"torchtune": "0.6.1"}
+RELIES_ON = {
+    # wrapped for CPU devices: its signature and its CUDA-only body
+    "torchtune.training.memory.get_memory_stats": "8e3ff667fd45736802d51fd799d0d13e00802ca307f4d69633e4e611a11aef1f",
+    # calls torch.cpu.empty_cache / reset_peak_memory_stats, which torch lacks
+    "torchtune.training.memory.cleanup_before_training": (
+        "215cb883121ed469d35b64b6f862c20feaa2be0272bca20e341a6d77f58ef138"
+    ),
+    # binds init_process_group at import and calls it with "cuda:nccl,cpu:gloo"
+    "torchtune-recipe:full_dpo_distributed.py": "9419fb45f8bbbe82243dc64bc628a3024ccd2caf787b2db869514a5e465ab651",
+}
 SITE_DIR = Path(__file__).with_name("_cpu_site")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
@@ -53,6 +67,7 @@ def apply() -> bool:
         peak = _peak_rss_gib()
         return {"peak_memory_active": peak, "peak_memory_alloc": peak, "peak_memory_reserved": peak}
 
+    cpu_aware_memory_stats.__wrapped__ = get_memory_stats  # the RELIES_ON fingerprint reads the upstream one
     training.get_memory_stats = memory.get_memory_stats = cpu_aware_memory_stats
 
     init_process_group = dist.init_process_group

@@ -1,15 +1,15 @@
 """SFT throughput of the 1B models through the path users take (``tune run ... full_finetune_distributed``):
 tokens/s per GPU, MFU, peak memory per GPU, and scaling efficiency across process counts.
 
-    python -m mla_components.train_benchmark --models mla_1b gqa_1b --nproc 1 --seq 8192 --json sft.json
-    python -m mla_components.train_benchmark --models mla_1b --nproc 1 2 4 8 --json scaling.json   # issue 9
+    python benchmarks/train_benchmark.py --models mla_1b gqa_1b --nproc 1 --seq 8192 --json sft.json
+    python benchmarks/train_benchmark.py --models mla_1b --nproc 1 2 4 8 --json scaling.json   # issue 9
 
-Each run trains a fresh initialisation of the shipped ``configs/<model>/sft_distributed.yaml`` (FSDP2, activation
-checkpointing, bf16, fixed per-GPU batch ``--batch`` (default 1) x ``seq`` tokens) on needle data with the byte
-tokenizer (throughput does not depend on which tokenizer produced the ids; the model keeps its 128k vocabulary) and
-``train_on_input``
-(Torchtune's tokens/s counts supervised tokens only; with it, every one of the ``seq`` tokens). Figures are medians
-over the steps after ``--warmup``. MFU counts model FLOPs only (activation recomputation excluded):
+Each run trains a fresh initialisation of the installed ``mla_recipes.configs`` ``<model>/sft_distributed.yaml``
+(FSDP2, activation checkpointing, bf16, fixed per-GPU batch ``--batch`` (default 1) x ``seq`` tokens) on needle
+data with the byte tokenizer (throughput does not depend on which tokenizer produced the ids; the model keeps its
+128k vocabulary) and ``train_on_input`` (Torchtune's tokens/s counts supervised tokens only; with it, every one of
+the ``seq`` tokens). Figures are medians over the steps after ``--warmup``. MFU counts model FLOPs only
+(activation recomputation excluded):
 ``6 * matmul params + 3 * layers * heads * (qk_head_dim + v_head_dim) * seq`` per token (causal attention).
 """
 
@@ -19,15 +19,16 @@ import shutil
 import statistics
 import subprocess
 import sys
+from importlib.resources import files
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 from torchtune.modules import TiedLinear
 
-from mla_components.torchtune_compat import cpu_env
+from mla_components.compat.torchtune import cpu_env
 
-REPO = Path(__file__).resolve().parents[1]
+CONFIGS = files("mla_recipes.configs")  # the installed configs, not the checkout's: works from any directory
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, SXM
 
 
@@ -50,7 +51,7 @@ def run_one(model_name: str, nproc: int, seq: int, batch: int, steps: int, root:
     out = root / f"{model_name}_n{nproc}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: the log directory must hold this run's steps only
     samples = (steps + 2) * nproc * batch
-    config = REPO / "configs" / model_name / "sft_distributed.yaml"
+    config = Path(str(CONFIGS / model_name / "sft_distributed.yaml"))
     # The 1B configs name the user's Llama-3 tokenizer files; the benchmark swaps in the byte tokenizer.
     present = OmegaConf.load(config)
     drop = [
@@ -68,7 +69,7 @@ def run_one(model_name: str, nproc: int, seq: int, batch: int, steps: int, root:
         "metric_logger.log_dir=" + str(out / "logs"), "log_peak_memory_stats=True", *extra,
     ]  # fmt: skip
     print("$ " + " ".join(command[2:]), flush=True)
-    subprocess.run(command, check=True, env=cpu_env(), cwd=REPO)
+    subprocess.run(command, check=True, env=cpu_env())
     return out / "logs"
 
 

@@ -1,0 +1,33 @@
+"""The FP8 latent cache's format (FlashMLA's), shared by the decode kernel and the model's KV cache: e4m3 values
+with one fp32 scale per ``FP8_GROUP_SIZE`` values of each token, ``scale = amax / 448``.
+
+- :func:`quantize_latent_fp8` / :func:`dequantize_latent_fp8`: the format in PyTorch (the kernel dequantises the
+  same way in its loads).
+"""
+
+import torch
+
+FP8_GROUP_SIZE = 128  # latent values per fp32 scale (FlashMLA: 4 scales for d_c = 512)
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_latent_fp8(c_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token, per-group e4m3 quantisation: ``c_kv [..., d_c]`` -> ``(float8_e4m3fn [..., d_c],
+    fp32 scales [..., d_c / FP8_GROUP_SIZE])`` with ``scale = amax(|group|) / 448``, so each group's largest value
+    maps to e4m3's largest finite value (an all-zero group gets scale 1)."""
+    d_c = c_kv.shape[-1]
+    if d_c % FP8_GROUP_SIZE:
+        raise ValueError(f"the latent width ({d_c}) must be a multiple of {FP8_GROUP_SIZE} for fp8 scale groups")
+    groups = c_kv.float().unflatten(-1, (d_c // FP8_GROUP_SIZE, FP8_GROUP_SIZE))
+    scale = groups.abs().amax(dim=-1) / FP8_E4M3_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # x / scale can land a rounding step above 448, where the cast would give NaN (e4m3fn has no inf)
+    values = (groups / scale[..., None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return values.flatten(-2), scale
+
+
+def dequantize_latent_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``float8_e4m3fn [..., d_c]`` and fp32 ``scale [..., d_c / FP8_GROUP_SIZE]`` -> ``[..., d_c]`` in ``dtype``
+    (the product is taken in fp32, as the kernel does in registers)."""
+    groups = values.float().unflatten(-1, (scale.shape[-1], values.shape[-1] // scale.shape[-1]))
+    return (groups * scale.float()[..., None]).flatten(-2).to(dtype)

@@ -297,7 +297,8 @@ def test_config_updates_describe_the_saved_model(tmp_path):
     model = mla(small_config())
     base = tmp_path / "base"
     write_hf_checkpoint(base, model.state_dict(), model.mla_config.to_hf_config())
-    yarn = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 256, "mscale": 1.0, "mscale_all_dim": 1.0}
+    yarn = {"type": "yarn", "factor": 16.0, "original_max_position_embeddings": 256}
+    yarn |= {"mscale": 1.0, "mscale_all_dim": 1.0}
     updates = OmegaConf.create({"rope_scaling": yarn, "max_position_embeddings": 4096})  # as a YAML config passes it
     ckpt = AtomicHFCheckpointer(checkpoint_dir=str(base), output_dir=str(tmp_path / "run"), config_updates=updates)
     ckpt.save_checkpoint(ckpt.load_checkpoint(), epoch=0)

@@ -53,31 +53,9 @@ class NeedleDPODataset(NeedleSamples):
 
     stream = "dpo"
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        num_samples: int,
-        context_tokens: int,
-        depth: float | None = None,
-        needle_kinds: Sequence[str] = ("passkey", "kv", "multi"),
-        rejection_kinds: Sequence[str] = REJECTION_KINDS,
-        seed: int = 0,
-        split: str = "train",
-        haystacks: Sequence[str] = ("synthetic",),
-        prompt_formats: Sequence[str] = ("chat",),
-    ) -> None:
-        super().__init__(
-            tokenizer,
-            num_samples=num_samples,
-            context_tokens=context_tokens,
-            depth=depth,
-            needle_kinds=needle_kinds,
-            seed=seed,
-            split=split,
-            haystacks=haystacks,
-            prompt_formats=prompt_formats,
-        )
+    def __init__(self, tokenizer: Any, *, rejection_kinds: Sequence[str] = REJECTION_KINDS, **sampling: Any) -> None:
+        sampling.setdefault("needle_kinds", ("passkey", "kv", "multi"))
+        super().__init__(tokenizer, **sampling)
         rejections = (rejection_kinds,) if isinstance(rejection_kinds, str) else tuple(rejection_kinds)
         bad = [r for r in rejections if r not in REJECTION_KINDS]
         if not rejections or bad:

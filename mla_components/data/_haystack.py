@@ -30,6 +30,7 @@ from typing import Any
 
 from torchtune.data import Message
 
+from mla_components._validation import is_positive_int
 from mla_components.data._word_lists import VOCABULARIES, SplitVocabulary
 
 NEEDLE_KINDS = ("passkey", "kv", "multi")
@@ -157,7 +158,7 @@ def validate_needle_args(
     """Raise ``ValueError`` naming the first bad argument (checked before any text is generated)."""
     if not callable(getattr(tokenizer, "tokenize_messages", None)) or not callable(getattr(tokenizer, "encode", None)):
         raise ValueError(f"tokenizer must be a Torchtune ModelTokenizer (tokenize_messages, encode), got {tokenizer!r}")
-    if isinstance(context_tokens, bool) or not isinstance(context_tokens, int) or context_tokens <= 0:
+    if not is_positive_int(context_tokens):
         raise ValueError(f"{field_prefix}context_tokens must be a positive int (tokens), got {context_tokens!r}")
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int | float) or not 0 <= depth <= 1):
         raise ValueError(f"{field_prefix}depth must be a float in [0, 1] or None (sampled), got {depth!r}")

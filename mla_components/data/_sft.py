@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.datasets import PackedDataset
 
+from mla_components._validation import is_positive_int
 from mla_components.data._haystack import (
     HAYSTACKS,
     NeedleSample,
@@ -46,7 +47,7 @@ def validate_dataset_args(
         ValueError: naming the bad field: wrong type/range, a context too small for the needle(s), question and
             answer of some kind, or a ``tokenizer.max_seq_len`` that would truncate the answer away.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+    if not is_positive_int(num_samples):
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     lengths = _as_tuple(context_tokens)
     if not lengths:
@@ -73,7 +74,8 @@ def validate_dataset_args(
 class NeedleSamples(Dataset):
     """What the SFT and DPO needle datasets share: validated arguments, the length, and the needle sample behind an
     index, a pure function of (split, seed, ``stream``, index). Kinds cycle with the index; the length (one of
-    ``context_tokens``), the haystack and the prompt format are drawn per index from their lists."""
+    ``context_tokens``), the haystack and the prompt format are drawn per index from their lists. The arguments are
+    the sampling ones of :func:`needle_sft_dataset`; the subclasses take them as keywords and add their own."""
 
     stream = ""  # names the dataset's own random stream, so SFT and DPO samples are independent
 
@@ -82,11 +84,11 @@ class NeedleSamples(Dataset):
         tokenizer: Any,
         *,
         num_samples: int,
-        context_tokens: int,
-        depth: float | None,
-        needle_kinds: Sequence[str],
-        seed: int,
-        split: str,
+        context_tokens: int | Sequence[int],
+        depth: float | None = None,
+        needle_kinds: Sequence[str] = ("passkey",),
+        seed: int = 0,
+        split: str = "train",
         haystacks: Sequence[str] = ("synthetic",),
         prompt_formats: Sequence[str] = ("chat",),
     ) -> None:
@@ -170,31 +172,8 @@ class NeedleSFTDataset(NeedleSamples):
 
     stream = "sft"
 
-    def __init__(
-        self,
-        tokenizer: Any,
-        *,
-        num_samples: int,
-        context_tokens: int,
-        depth: float | None = None,
-        needle_kinds: Sequence[str] = ("passkey",),
-        seed: int = 0,
-        split: str = "train",
-        train_on_input: bool = False,
-        haystacks: Sequence[str] = ("synthetic",),
-        prompt_formats: Sequence[str] = ("chat",),
-    ) -> None:
-        super().__init__(
-            tokenizer,
-            num_samples=num_samples,
-            context_tokens=context_tokens,
-            depth=depth,
-            needle_kinds=needle_kinds,
-            seed=seed,
-            split=split,
-            haystacks=haystacks,
-            prompt_formats=prompt_formats,
-        )
+    def __init__(self, tokenizer: Any, *, train_on_input: bool = False, **sampling: Any) -> None:
+        super().__init__(tokenizer, **sampling)
         self._train_on_input = train_on_input
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:

@@ -15,10 +15,12 @@ cached decoding runs through whatever kernel backend the attention modules resol
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from torchtune.generation import generate
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import local_kv_cache
 
+from mla_components.modules import MultiHeadLatentAttention
 from mla_components.modules.kv_cache import causal_cache_mask
 
 __all__ = ["causal_cache_mask", "chunked_prefill_greedy", "greedy_generate"]
@@ -110,11 +112,18 @@ def chunked_prefill_greedy(
         )
     model.reset_caches()
     stop = set(stop_tokens or [])
+    # MLA layers take prefill chunks' causal mask as SDPA's lower-right CausalBias (the fused kernels, no [chunk,
+    # cache_len] boolean mask); other attention modules (Torchtune's GQA) need the boolean mask over the cache.
+    takes_causal_bias = all(isinstance(layer.attn, MultiHeadLatentAttention) for layer in model.layers)
 
     def forward(tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Logits ``[1, vocab]`` of the last of ``tokens [1, s]`` (at positions ``start ..``), cached."""
-        positions = torch.arange(start, start + tokens.shape[1], device=device).unsqueeze(0)
-        mask = causal_cache_mask(start, tokens.shape[1], cache_len, device)
+        length = tokens.shape[1]
+        positions = torch.arange(start, start + length, device=device).unsqueeze(0)
+        if takes_causal_bias and length > 1:
+            mask = causal_lower_right(length, start + length)
+        else:
+            mask = causal_cache_mask(start, length, cache_len, device)
         return model(tokens, mask=mask, input_pos=positions)[:, -1]
 
     for start in range(0, prompt_len, prefill_chunk):

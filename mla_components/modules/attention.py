@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from mla_kernels.fp8 import dequantize_latent_fp8
 from torch import nn
+from torch.nn.attention.bias import CausalBias, CausalVariant
 from torchtune.modules.attention_utils import _MaskType
 
 from mla_components._validation import check_positive_ints, check_rope_dim
@@ -247,7 +248,9 @@ class MultiHeadLatentAttention(nn.Module):
             y (Optional[torch.Tensor]): keys'/values' input ``[b, s_y, d]`` (``x`` for self-attention); None only
                 with the cache enabled, to attend to what is cached.
             mask (Optional[_MaskType]): boolean ``[b, s_x, s_y]`` (True = attend; ``s_y`` = cache length when the
-                cache is enabled) or a flex-attention ``BlockMask`` for packed sequences. None = causal.
+                cache is enabled) or a flex-attention ``BlockMask`` for packed sequences. None = causal. With the
+                cache enabled, also SDPA's ``causal_lower_right(s_x, filled)`` (queries = the last ``s_x`` of the
+                ``filled`` cached positions), which keeps prefill chunks on the fused SDPA kernels.
             input_pos (Optional[torch.Tensor]): position ids ``[b, s_x]`` (or broadcastable), None = 0..s_x-1.
 
         Returns:
@@ -267,16 +270,27 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv, k_pe = self.kv_cache.update(c_kv, k_pe)
 
         if self.kv_cache is not None and self.cache_enabled:
-            if mask is None:  # causal over what has been cached so far
-                filled = self.kv_cache.size
+            filled = self.kv_cache.size
+            if isinstance(mask, CausalBias):
+                if mask.variant != CausalVariant.LOWER_RIGHT or (mask.seq_len_q, mask.seq_len_kv) != (s_x, filled):
+                    raise ValueError(
+                        f"a CausalBias mask must be causal_lower_right({s_x}, {filled}) (this chunk's queries are the "
+                        f"last of the {filled} cached positions), got {mask.variant} ({mask.seq_len_q}, "
+                        f"{mask.seq_len_kv})"
+                    )
+            elif mask is None:  # causal over what has been cached so far
                 mask = causal_cache_mask(filled - s_x, s_x, self.kv_cache.max_seq_len, x.device).expand(b, -1, -1)
             if s_x > TRITON_DECODE_MAX_QUERIES:
                 # A prefill chunk: expanding the filled prefix once and running SDPA over it beats the absorbed
-                # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill.
-                filled = self.kv_cache.size
+                # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill. A CausalBias keeps
+                # SDPA on its flash / memory-efficient kernels; a boolean mask makes it materialise a bias.
                 c_kv, k_pe = self.kv_cache.dequantized(b, filled)
-                out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, mask[..., :filled])
+                out = self._expanded_attention(
+                    q_nope, q_pe, c_kv, k_pe, mask if isinstance(mask, CausalBias) else mask[..., :filled]
+                )
             else:
+                if isinstance(mask, CausalBias):
+                    mask = causal_cache_mask(filled - s_x, s_x, self.kv_cache.max_seq_len, x.device).expand(b, -1, -1)
                 scale = self.kv_cache.c_kv_scale
                 out = self._absorbed_attention(
                     q_nope, q_pe, c_kv[:b], k_pe[:b], mask, c_kv_scale=None if scale is None else scale[:b]
@@ -367,7 +381,7 @@ class MultiHeadLatentAttention(nn.Module):
                 q,
                 k,
                 v,
-                attn_mask=None if mask is None else mask[:, None],
+                attn_mask=mask if mask is None or isinstance(mask, CausalBias) else mask[:, None],
                 dropout_p=dropout_p,
                 is_causal=mask is None and self.is_causal,
                 scale=self.softmax_scale,

@@ -36,3 +36,35 @@ def test_cache_must_fit_prompt_and_new_tokens():
         pytest.raises(ValueError, match="exceed the KV cache"),
     ):
         chunked_prefill_greedy(model, list(range(6)), 4)
+
+
+@torch.no_grad()
+def test_mla_prefill_chunk_with_causal_bias_equals_the_boolean_cache_mask():
+    """A prefill chunk of an MLA model may take SDPA's lower-right CausalBias (what chunked prefill passes, so the
+    fused kernels run) instead of the boolean mask over the whole cache: the same logits, and a bias that does not
+    describe this chunk is refused."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    from mla_components.modules.kv_cache import causal_cache_mask
+
+    torch.manual_seed(0)
+    model = mla_tiny(max_seq_len=512).eval()
+    for param in model.parameters():
+        param.normal_(0.0, 0.1)
+    tokens = torch.randint(0, 256, (1, 160))
+    outputs = []
+    for use_bias in (False, True):
+        with local_kv_cache(
+            model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=256
+        ):
+            for start in (0, 96):  # a first chunk and one that also attends to a cached prefix
+                chunk, positions = tokens[:, start : start + 96], torch.arange(start, min(start + 96, 160))[None]
+                n = chunk.shape[1]
+                mask = causal_lower_right(n, start + n) if use_bias else causal_cache_mask(start, n, 256, tokens.device)
+                outputs.append(model(chunk, mask=mask, input_pos=positions))
+    for boolean, bias in zip(outputs[:2], outputs[2:], strict=True):
+        torch.testing.assert_close(bias, boolean, rtol=1e-5, atol=1e-5)
+    with local_kv_cache(model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=256):
+        model(tokens[:, :96], mask=causal_lower_right(96, 96), input_pos=torch.arange(96)[None])
+        with pytest.raises(ValueError, match=r"must be causal_lower_right\(64, 160\)"):
+            model(tokens[:, 96:], mask=causal_upper_left(64, 160), input_pos=torch.arange(96, 160)[None])

@@ -270,7 +270,10 @@ class MultiHeadLatentAttention(nn.Module):
                 c_kv, k_pe = self.kv_cache.update(c_kv, k_pe)
 
         if self.kv_cache is not None and self.cache_enabled:
-            filled = self.kv_cache.size
+            # the fill level is a host sync: read it only where a mask is built or the prefix is sliced, so a decode
+            # step given its boolean mask stays sync-free (CUDA-graph capturable)
+            needs_fill = mask is None or isinstance(mask, CausalBias) or s_x > TRITON_DECODE_MAX_QUERIES
+            filled = self.kv_cache.size if needs_fill else None
             if isinstance(mask, CausalBias):
                 if mask.variant != CausalVariant.LOWER_RIGHT or (mask.seq_len_q, mask.seq_len_kv) != (s_x, filled):
                     raise ValueError(

@@ -68,3 +68,19 @@ def test_mla_prefill_chunk_with_causal_bias_equals_the_boolean_cache_mask():
         model(tokens[:, :96], mask=causal_lower_right(96, 96), input_pos=torch.arange(96)[None])
         with pytest.raises(ValueError, match=r"must be causal_lower_right\(64, 160\)"):
             model(tokens[:, 96:], mask=causal_upper_left(64, 160), input_pos=torch.arange(96, 160)[None])
+
+
+@torch.no_grad()
+def test_an_mla_decode_step_given_its_mask_reads_no_fill_level(monkeypatch):
+    """The cache's fill level is a host sync (``.item()``): a decode step that is given its boolean mask never reads
+    it, so the step can be captured in a CUDA graph and costs no device round trip."""
+    from mla_components.modules import MLAKVCache
+    from mla_components.modules.kv_cache import causal_cache_mask
+
+    model = mla_tiny(max_seq_len=128).eval()
+    tokens = torch.randint(0, 256, (1, 17))
+    with local_kv_cache(model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=64):
+        model(tokens[:, :16], mask=causal_cache_mask(0, 16, 64, tokens.device), input_pos=torch.arange(16)[None])
+        monkeypatch.setattr(MLAKVCache, "size", property(lambda self: pytest.fail("decode step read the fill level")))
+        logits = model(tokens[:, 16:], mask=causal_cache_mask(16, 1, 64, tokens.device), input_pos=torch.tensor([[16]]))
+    assert logits.shape[:2] == (1, 1) and torch.isfinite(logits).all()

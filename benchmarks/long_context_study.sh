@@ -4,10 +4,12 @@
 # FSDP recipes (SFT, then DPO), next to its GQA control trained the same way; then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|dpo|evaluate GGUF RESULTS_DIR
+#   benchmarks/long_context_study.sh prepare|sft|dpo|heldout|landmark|chat|multi GGUF RESULTS_DIR
+#   (evaluate = heldout + landmark + chat + multi; on an H200 the four take ~15 min, more than one 10-min device call)
 #
 # CONFIGS (default configs/smollm2_135m) points at other copies of the configs (the CPU test shrinks them);
-# SFT_ARGS / DPO_ARGS / EVAL_ARGS add command-line overrides; MODELS limits the trained pairs (default "mla gqa").
+# SFT_ARGS / DPO_ARGS / EVAL_ARGS add command-line overrides; MODELS limits the trained pairs (default "mla gqa");
+# MODEL_NAMES limits the passkey stages' models, e.g. MODEL_NAMES=mla_dpo,gqa_dpo (default: all of the config's).
 set -euo pipefail
 stage=$1 gguf=$2 results=$3
 configs=${CONFIGS:-configs/smollm2_135m}
@@ -32,43 +34,59 @@ train() {
   cp "$out"/logs/log_*.txt "$results/$log" 2>/dev/null || true
 }
 
+# One passkey run of passkey_long_compare.yaml: models (comma-separated names, empty = all), output dir, overrides.
+passkey() {
+  local names=$1 out=$2
+  shift 2
+  local select=()
+  [ -n "$names" ] && select=("model_names=[$names]")
+  "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" output_dir="$out" \
+    "${select[@]}" "$@" "${eval_args[@]}"
+}
+
 case $stage in
-  prepare)  # the healed 256 + 64 conversion (and the origin's HF directory) the training starts from
-    CONVERT_RANKS=256 benchmarks/conversion_study.sh convert "$gguf" "$results"
-    benchmarks/conversion_study.sh heal "$gguf" "$results"
-    ;;
-  sft)
-    for m in ${MODELS:-mla gqa}; do
-      train full_finetune_distributed "long_sft_$m.yaml" "$work/long_sft_$m" "long_sft_${m}_log.txt" "${sft_args[@]}"
-    done
-    ;;
-  dpo)
-    for m in ${MODELS:-mla gqa}; do
-      train full_dpo_distributed "long_dpo_$m.yaml" "$work/long_dpo_$m" "long_dpo_${m}_log.txt" "${dpo_args[@]}"
-    done
-    ;;
-  evaluate)
-    stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
-    python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device "${DEVICE:-cuda}" --sequences 16 \
-      --seq-len 1024 --checkpoint mla_healed="$work/heal_mla_256/epoch_1" \
-      --checkpoint mla_sft="$work/long_sft_mla/epoch_0" --checkpoint mla_dpo="$work/long_dpo_mla/epoch_0" \
-      --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
-      > "$results/heldout.json"
-    stamp "passkey, standard Landmark prompt (evaluation-only), every model"
-    "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" \
-      output_dir="$results/passkey_landmark" prompt_format=landmark trials_per_cell=2 "${eval_args[@]}"
-    stamp "passkey, the project's eval-split templates in the chat format, trained models"
-    "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" \
-      output_dir="$results/passkey_chat" trials_per_cell=2 "model_names=[mla_sft,mla_dpo,gqa_sft,gqa_dpo]" \
-      "${eval_args[@]}"
-    stamp "multi-needle (a question about one of 3-4 planted values): SFT vs DPO distractor answers"
-    "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" \
-      output_dir="$results/passkey_multi" needle_kind=multi trials_per_cell=2 "context_lengths=[4096,16384,32768]" \
-      "model_names=[mla_sft,mla_dpo,gqa_sft,gqa_dpo]" "${eval_args[@]}"
-    ;;
+  prepare | sft | dpo | heldout | landmark | chat | multi | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|dpo|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|dpo|heldout|landmark|chat|multi|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
+# `evaluate` runs the four evaluation stages in order
+runs() { [ "$stage" = "$1" ] || { [ "$stage" = evaluate ] && [[ " heldout landmark chat multi " == *" $1 "* ]]; }; }
+
+if runs prepare; then  # the healed 256 + 64 conversion (and the origin's HF directory) the training starts from
+  CONVERT_RANKS=256 benchmarks/conversion_study.sh convert "$gguf" "$results"
+  benchmarks/conversion_study.sh heal "$gguf" "$results"
+fi
+if runs sft; then
+  for m in ${MODELS:-mla gqa}; do
+    train full_finetune_distributed "long_sft_$m.yaml" "$work/long_sft_$m" "long_sft_${m}_log.txt" "${sft_args[@]}"
+  done
+fi
+if runs dpo; then
+  for m in ${MODELS:-mla gqa}; do
+    train full_dpo_distributed "long_dpo_$m.yaml" "$work/long_dpo_$m" "long_dpo_${m}_log.txt" "${dpo_args[@]}"
+  done
+fi
+if runs heldout; then
+  stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
+  python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device "${DEVICE:-cuda}" --sequences 16 \
+    --seq-len 1024 --checkpoint mla_healed="$work/heal_mla_256/epoch_1" \
+    --checkpoint mla_sft="$work/long_sft_mla/epoch_0" --checkpoint mla_dpo="$work/long_dpo_mla/epoch_0" \
+    --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
+    > "$results/heldout.json"
+fi
+if runs landmark; then
+  stamp "passkey, standard Landmark prompt (evaluation-only)"
+  passkey "${MODEL_NAMES:-}" "$results/passkey_landmark" prompt_format=landmark trials_per_cell=2
+fi
+if runs chat; then
+  stamp "passkey, the project's eval-split templates in the chat format, trained models"
+  passkey "${MODEL_NAMES:-mla_sft,mla_dpo,gqa_sft,gqa_dpo}" "$results/passkey_chat" trials_per_cell=2
+fi
+if runs multi; then
+  stamp "multi-needle (a question about one of 3-4 planted values): SFT vs DPO distractor answers"
+  passkey "${MODEL_NAMES:-mla_sft,mla_dpo,gqa_sft,gqa_dpo}" "$results/passkey_multi" needle_kind=multi \
+    trials_per_cell=2 "context_lengths=[4096,16384,32768]"
+fi
 stamp "done: $stage"

@@ -4,7 +4,8 @@
 - :func:`hf_tokenizer`: a real model's HF tokenizer and chat template (e.g. SmolLM2's ChatML) as a ``ModelTokenizer``.
 - :func:`make_needle_sample` / :func:`needle_prompt_tokens`: one haystack sample sized in tokens (evaluation).
 - :func:`corpus_dataset` / :func:`corpus_texts`: offline text (Python's documentation) for calibration and healing.
-- :func:`needle_sft_dataset` / :func:`needle_dpo_dataset`: Torchtune dataset components for the SFT and DPO recipes.
+- :func:`needle_sft_dataset` / :func:`needle_dpo_dataset`: Torchtune dataset components for the SFT and DPO recipes;
+  :func:`padded_collate_positions` collates SFT samples with their (PoSE-skipped) ``input_pos``.
 """
 
 from mla_components.data._corpus import CorpusWindows, corpus_dataset, corpus_texts
@@ -18,7 +19,7 @@ from mla_components.data._haystack import (
     needle_prompt_tokens,
 )
 from mla_components.data._hf_tokenizer import HFModelTokenizer, hf_tokenizer
-from mla_components.data._sft import NeedleSFTDataset, needle_sft_dataset
+from mla_components.data._sft import NeedleSFTDataset, needle_sft_dataset, padded_collate_positions
 from mla_components.data._tokenizer import ByteTokenizer, byte_tokenizer
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "needle_messages",
     "needle_prompt_tokens",
     "needle_sft_dataset",
+    "padded_collate_positions",
 ]

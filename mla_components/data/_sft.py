@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 from torchtune.datasets import PackedDataset
 
 from mla_components._validation import is_positive_int
@@ -69,6 +70,15 @@ def validate_dataset_args(
                 f"answer need up to {needed} tokens of this tokenizer; set context_tokens >= {needed}"
             )
     return kinds
+
+
+def skipped_positions(rng: Any, length: int, position_range: int) -> list[int]:
+    """Position ids for a ``length``-token sequence that span up to ``position_range`` (PoSE, Zhu et al. 2023): the
+    sequence is cut once at a random point and the second part's positions jump ahead by a random skip, so training
+    on short sequences shows the distances (rotary angles) of long ones. Increasing, all ``< position_range``."""
+    cut = rng.randint(1, length - 1) if length > 1 else length
+    skip = rng.randint(0, position_range - length)
+    return list(range(cut)) + list(range(cut + skip, length + skip))
 
 
 class NeedleSamples(Dataset):
@@ -172,9 +182,18 @@ class NeedleSFTDataset(NeedleSamples):
 
     stream = "sft"
 
-    def __init__(self, tokenizer: Any, *, train_on_input: bool = False, **sampling: Any) -> None:
+    def __init__(
+        self, tokenizer: Any, *, train_on_input: bool = False, position_range: int | None = None, **sampling: Any
+    ) -> None:
         super().__init__(tokenizer, **sampling)
+        longest = max(self._context_tokens)
+        if position_range is not None and (not is_positive_int(position_range) or position_range < longest):
+            raise ValueError(
+                f"position_range must be an int >= the longest context_tokens ({longest}), got {position_range!r}; "
+                "or null for positions 0..len-1"
+            )
         self._train_on_input = train_on_input
+        self._position_range = position_range
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         sample = self.needle_sample(index)
@@ -182,7 +201,11 @@ class NeedleSFTDataset(NeedleSamples):
         max_seq_len = getattr(self._tokenizer, "max_seq_len", None)
         if max_seq_len is not None and len(tokens) > max_seq_len:  # as the tokenizer's own truncation would
             tokens, labels = tokens[:max_seq_len], labels[:max_seq_len]
-        return {"tokens": tokens, "labels": labels}
+        item = {"tokens": tokens, "labels": labels}
+        if self._position_range is not None:
+            rng = sample_rng(self._split, self._seed, self.stream, "positions", index)
+            item["input_pos"] = skipped_positions(rng, len(tokens), self._position_range)
+        return item
 
 
 def needle_sft_dataset(
@@ -198,6 +221,7 @@ def needle_sft_dataset(
     train_on_input: bool = False,
     haystacks: Sequence[str] = ("synthetic",),
     prompt_formats: Sequence[str] = ("chat",),
+    position_range: int | None = None,
 ) -> NeedleSFTDataset | PackedDataset:
     """Synthetic needle-in-a-haystack SFT data, for Torchtune's SFT recipes.
 
@@ -227,6 +251,9 @@ def needle_sft_dataset(
             sentences repeated). Default ``[synthetic]``.
         prompt_formats (Sequence[str]): drawn per sample, among ``chat`` (the tokenizer's chat template) and
             ``plain`` (plain text ending with an answer cue, then the value). Default ``[chat]``.
+        position_range (int | None): give each sample ``input_pos`` that skip ahead once (PoSE) so they span up to
+            this many positions; needs the collate function :func:`padded_collate_positions` (config
+            ``collate_fn: mla_components.data.padded_collate_positions``) and ``packed: False``. Default None.
 
     Returns:
         NeedleSFTDataset | PackedDataset: the dataset.
@@ -235,6 +262,8 @@ def needle_sft_dataset(
         ValueError: bad argument (named), e.g. ``context_tokens`` too small for the needle and question.
     """
     max_seq_len = getattr(tokenizer, "max_seq_len", None)
+    if packed and position_range is not None:
+        raise ValueError("position_range needs packed=False (packing writes its own input_pos)")
     if packed and max_seq_len is None:
         raise ValueError("packed=True needs tokenizer.max_seq_len (the pack length); set it in the tokenizer config")
     dataset = NeedleSFTDataset(
@@ -248,7 +277,25 @@ def needle_sft_dataset(
         train_on_input=train_on_input,
         haystacks=haystacks,
         prompt_formats=prompt_formats,
+        position_range=position_range,
     )
     if not packed:
         return dataset
     return PackedDataset(dataset, max_seq_len=max_seq_len, padding_idx=getattr(tokenizer, "pad_id", 0))
+
+
+def padded_collate_positions(
+    batch: list[dict[str, list[int]]], padding_idx: int = 0, ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX
+) -> dict[str, torch.Tensor]:
+    """Torchtune's ``padded_collate_sft`` plus ``input_pos`` ``[b, s]``: a sample's own positions (from
+    ``position_range``) or ``0..len-1``, continued past its end over the padding. The SFT recipes pass every batch
+    key but ``labels`` to the model, so these positions reach its RoPE."""
+    collated = padded_collate_sft(batch, padding_idx=padding_idx, ignore_idx=ignore_idx)
+    width = collated["tokens"].shape[1]
+    rows = []
+    for item in batch:
+        positions = list(item.get("input_pos") or range(len(item["tokens"])))
+        start = positions[-1] + 1 if positions else 0
+        rows.append(positions + list(range(start, start + width - len(positions))))
+    collated["input_pos"] = torch.tensor(rows, dtype=torch.long)
+    return collated

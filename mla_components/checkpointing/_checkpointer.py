@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torchtune import training
 from torchtune.training.checkpointing._checkpointer import _CheckpointerInterface
 
@@ -85,18 +86,6 @@ def _ensure_initial_checkpoint(builder: str, directory: Path, seed: int, tokeniz
     _on_rank_zero(write, f"write the initial checkpoint to {directory}")
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (what a YAML config passes) as plain dicts and lists, so they serialise to JSON."""
-    try:
-        from omegaconf import OmegaConf
-
-        if OmegaConf.is_config(value):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf comes with torchtune
-        pass
-    return value
-
-
 class AtomicHFCheckpointer(_CheckpointerInterface):
     """Load an HF model directory; save ``output_dir/epoch_{N}/`` as a complete HF directory, atomically.
 
@@ -159,7 +148,11 @@ class AtomicHFCheckpointer(_CheckpointerInterface):
         self._checkpoint_files = list(checkpoint_files) if checkpoint_files else None
         self._should_load_recipe_state = should_load_recipe_state or resume_from_checkpoint
         self._keep_last_n = keep_last_n_intermediate
-        self._config_updates = _plain(config_updates or {})
+        # a YAML config may pass an OmegaConf node: plain containers serialise to JSON
+        updates = config_updates or {}
+        if OmegaConf.is_config(updates):
+            updates = OmegaConf.to_container(updates, resolve=True)
+        self._config_updates = updates
         if not isinstance(self._config_updates, dict):
             raise ValueError(
                 f"checkpointer.config_updates must be a mapping of config.json fields, got {config_updates!r}"

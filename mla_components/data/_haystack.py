@@ -361,8 +361,6 @@ def build_needle_sample(
             generation prompt, so an SFT/DPO sequence never exceeds ``target_tokens``.
         haystack (str): the filler's source, one of :data:`HAYSTACKS`. Default ``"synthetic"``.
     """
-    if haystack not in HAYSTACKS:
-        raise ValueError(f"haystack must be one of {HAYSTACKS}, got {haystack!r}")
     tokenizer = untruncated(tokenizer)
     draft = _draw_needles(rng, VOCABULARIES[split], kind, depth)
     vocab = draft.vocab

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from mla_kernels.fp8 import dequantize_latent_fp8
 from torch import nn
-from torch.nn.attention.bias import CausalBias, CausalVariant
+from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right
 from torchtune.modules.attention_utils import _MaskType
 
 from mla_components._validation import check_positive_ints, check_rope_dim
@@ -272,27 +272,25 @@ class MultiHeadLatentAttention(nn.Module):
         if self.kv_cache is not None and self.cache_enabled:
             # the fill level is a host sync: read it only where a mask is built or the prefix is sliced, so a decode
             # step given its boolean mask stays sync-free (CUDA-graph capturable)
-            needs_fill = mask is None or isinstance(mask, CausalBias) or s_x > TRITON_DECODE_MAX_QUERIES
-            filled = self.kv_cache.size if needs_fill else None
-            if isinstance(mask, CausalBias):
-                if mask.variant != CausalVariant.LOWER_RIGHT or (mask.seq_len_q, mask.seq_len_kv) != (s_x, filled):
-                    raise ValueError(
-                        f"a CausalBias mask must be causal_lower_right({s_x}, {filled}) (this chunk's queries are the "
-                        f"last of the {filled} cached positions), got {mask.variant} ({mask.seq_len_q}, "
-                        f"{mask.seq_len_kv})"
-                    )
-            elif mask is None:  # causal over what has been cached so far
-                mask = causal_cache_mask(filled - s_x, s_x, self.kv_cache.max_seq_len, x.device).expand(b, -1, -1)
+            causal = mask is None or isinstance(mask, CausalBias)  # causal over what has been cached so far
+            filled = self.kv_cache.size if causal or s_x > TRITON_DECODE_MAX_QUERIES else None
+            if isinstance(mask, CausalBias) and (
+                mask.variant != CausalVariant.LOWER_RIGHT or (mask.seq_len_q, mask.seq_len_kv) != (s_x, filled)
+            ):
+                raise ValueError(
+                    f"a CausalBias mask must be causal_lower_right({s_x}, {filled}) (this chunk's queries are the "
+                    f"last of the {filled} cached positions), got {mask.variant} ({mask.seq_len_q}, {mask.seq_len_kv})"
+                )
             if s_x > TRITON_DECODE_MAX_QUERIES:
                 # A prefill chunk: expanding the filled prefix once and running SDPA over it beats the absorbed
-                # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill. A CausalBias keeps
-                # SDPA on its flash / memory-efficient kernels; a boolean mask makes it materialise a bias.
+                # path, whose [s_x, n_h, max_seq_len] fp32 scores dominate long-context prefill. The causal case as
+                # a lower-right CausalBias keeps SDPA on its flash / memory-efficient kernels; a boolean mask makes
+                # it materialise a bias.
                 c_kv, k_pe = self.kv_cache.dequantized(b, filled)
-                out = self._expanded_attention(
-                    q_nope, q_pe, c_kv, k_pe, mask if isinstance(mask, CausalBias) else mask[..., :filled]
-                )
+                chunk_mask = causal_lower_right(s_x, filled) if causal else mask[..., :filled]
+                out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, chunk_mask)
             else:
-                if isinstance(mask, CausalBias):
+                if causal:
                     mask = causal_cache_mask(filled - s_x, s_x, self.kv_cache.max_seq_len, x.device).expand(b, -1, -1)
                 scale = self.kv_cache.c_kv_scale
                 out = self._absorbed_attention(

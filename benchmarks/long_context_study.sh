@@ -4,12 +4,17 @@
 # FSDP recipes (SFT, then DPO), next to its GQA control trained the same way; then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|dpo|heldout|landmark|chat|multi GGUF RESULTS_DIR
-#   (evaluate = heldout + landmark + chat + multi; on an H200 the four take ~15 min, more than one 10-min device call)
+#   benchmarks/long_context_study.sh prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million GGUF RESULTS_DIR
+#   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run)
+#
+# A 135M model leaves an H200 mostly idle, so the trained pairs (sft, dpo) train side by side, and the evaluation
+# stages can run as separate processes at once (each writes its own directory; TAG suffixes it, so one stage can be
+# split by MODEL_NAMES and merged afterwards with `python -m mla_components.evaluation.report merge`).
 #
 # CONFIGS (default configs/smollm2_135m) points at other copies of the configs (the CPU test shrinks them);
 # SFT_ARGS / DPO_ARGS / EVAL_ARGS add command-line overrides; MODELS limits the trained pairs (default "mla gqa");
-# MODEL_NAMES limits the passkey stages' models, e.g. MODEL_NAMES=mla_dpo,gqa_dpo (default: all of the config's).
+# MODEL_NAMES limits the passkey stages' models, e.g. MODEL_NAMES=mla_dpo,gqa_dpo (default: per stage, below);
+# TRIALS sets trials per cell (default 4 up to 128k, 1 at 1M).
 set -euo pipefail
 stage=$1 gguf=$2 results=$3
 configs=${CONFIGS:-configs/smollm2_135m}
@@ -40,33 +45,44 @@ passkey() {
   shift 2
   local select=()
   [ -n "$names" ] && select=("model_names=[$names]")
-  "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" output_dir="$out" \
+  "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" output_dir="$out${TAG:+_$TAG}" \
     "${select[@]}" "$@" "${eval_args[@]}"
 }
 
+# Train every model of MODELS with one recipe at the same time (one process each); fail if any of them failed.
+train_all() {
+  local recipe=$1 stage=$2 status=0
+  shift 2
+  local pids=()
+  for m in ${MODELS:-mla gqa}; do
+    train "$recipe" "long_${stage}_$m.yaml" "$work/long_${stage}_$m" "long_${stage}_${m}_log.txt" "$@" \
+      > "$results/long_${stage}_${m}_stdout.txt" 2>&1 &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+  tail -n 3 "$results"/long_"${stage}"_*_stdout.txt
+  return $status
+}
+
 case $stage in
-  prepare | sft | dpo | heldout | landmark | chat | multi | evaluate) ;;
+  prepare | sft | dpo | heldout | anchors | landmark | chat | multi | million | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|dpo|heldout|landmark|chat|multi|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
 # `evaluate` runs the four evaluation stages in order
-runs() { [ "$stage" = "$1" ] || { [ "$stage" = evaluate ] && [[ " heldout landmark chat multi " == *" $1 "* ]]; }; }
+runs() { [ "$stage" = "$1" ] || { [ "$stage" = evaluate ] && [[ " heldout anchors landmark chat multi " == *" $1 "* ]]; }; }
 
 if runs prepare; then  # the healed 256 + 64 conversion (and the origin's HF directory) the training starts from
   CONVERT_RANKS=256 benchmarks/conversion_study.sh convert "$gguf" "$results"
   benchmarks/conversion_study.sh heal "$gguf" "$results"
 fi
 if runs sft; then
-  for m in ${MODELS:-mla gqa}; do
-    train full_finetune_distributed "long_sft_$m.yaml" "$work/long_sft_$m" "long_sft_${m}_log.txt" "${sft_args[@]}"
-  done
+  train_all full_finetune_distributed sft "${sft_args[@]}"
 fi
 if runs dpo; then
-  for m in ${MODELS:-mla gqa}; do
-    train full_dpo_distributed "long_dpo_$m.yaml" "$work/long_dpo_$m" "long_dpo_${m}_log.txt" "${dpo_args[@]}"
-  done
+  train_all full_dpo_distributed dpo "${dpo_args[@]}"
 fi
 if runs heldout; then
   stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
@@ -76,17 +92,28 @@ if runs heldout; then
     --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
     > "$results/heldout.json"
 fi
+if runs anchors; then
+  stamp "passkey, standard Landmark prompt: the untrained models (origin, origin + YaRN x16, healed MLA)"
+  passkey "${MODEL_NAMES:-origin,origin_yarn16,mla_healed}" "$results/passkey_anchors" prompt_format=landmark \
+    trials_per_cell="${TRIALS:-4}"
+fi
 if runs landmark; then
-  stamp "passkey, standard Landmark prompt (evaluation-only)"
-  passkey "${MODEL_NAMES:-}" "$results/passkey_landmark" prompt_format=landmark trials_per_cell=2
+  stamp "passkey, standard Landmark prompt (evaluation-only): the trained models"
+  passkey "${MODEL_NAMES:-mla_dpo,gqa_dpo}" "$results/passkey_landmark" prompt_format=landmark \
+    trials_per_cell="${TRIALS:-4}"
 fi
 if runs chat; then
   stamp "passkey, the project's eval-split templates in the chat format, trained models"
-  passkey "${MODEL_NAMES:-mla_sft,mla_dpo,gqa_sft,gqa_dpo}" "$results/passkey_chat" trials_per_cell=2
+  passkey "${MODEL_NAMES:-mla_sft,mla_dpo,gqa_sft,gqa_dpo}" "$results/passkey_chat" trials_per_cell="${TRIALS:-2}"
 fi
 if runs multi; then
   stamp "multi-needle (a question about one of 3-4 planted values): SFT vs DPO distractor answers"
   passkey "${MODEL_NAMES:-mla_sft,mla_dpo,gqa_sft,gqa_dpo}" "$results/passkey_multi" needle_kind=multi \
-    trials_per_cell=2 "context_lengths=[4096,16384,32768]"
+    trials_per_cell="${TRIALS:-2}" "context_lengths=[4096,16384,32768]"
+fi
+if runs million; then
+  stamp "passkey at 1M tokens, standard Landmark prompt: chunked prefill into the cache, decode through the kernel"
+  passkey "${MODEL_NAMES:-mla_dpo}" "$results/passkey_1m" prompt_format=landmark trials_per_cell="${TRIALS:-1}" \
+    model_max_seq_len=1048700 "context_lengths=[1048576]" prefill_chunk=32768
 fi
 stamp "done: $stage"

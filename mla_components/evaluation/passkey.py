@@ -11,6 +11,11 @@ Order of work (every config error surfaces before any weights are read):
    tokens and run :func:`~mla_components.decoding.chunked_prefill_greedy` for every trial of the row;
 5. score (:mod:`~mla_components.evaluation.scoring`) and write the report (:mod:`~mla_components.evaluation.report`).
 
+Every finished trial is appended to ``output_dir/trials.jsonl`` (one line, flushed) with a fingerprint of what
+produced it (model, checkpoint, dtype, decoding and prompt settings). A run that is stopped (a time limit, a lost
+machine) keeps what it measured, and the same command resumes: trials already in the journal with the same
+fingerprint are not run again (``resume: False`` re-runs everything).
+
 Each trial's needle comes from its own seed, derived from ``seed``, the length, the depth and the trial index, so
 runs are reproducible and every model of a compare run sees the same prompts.
 """
@@ -18,6 +23,8 @@ runs are reproducible and every model of a compare run sees the same prompts.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -271,6 +278,62 @@ def decode_generated(tokenizer: Any, ids: Sequence[int]) -> str:
     return "".join(parts)
 
 
+class TrialJournal:
+    """Finished trials of an output directory, one JSON line each (``trials.jsonl``), keyed by model fingerprint,
+    length, depth, trial index and seed. A partly written last line (the process killed mid-write) is ignored."""
+
+    def __init__(self, path: Path, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.done: dict[tuple, dict[str, Any]] = {}
+        if resume and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.done[self._key(entry["fingerprint"], entry["record"])] = entry
+        elif self.path.exists():
+            self.path.unlink()
+
+    @staticmethod
+    def _key(fingerprint: str, record: Mapping[str, Any]) -> tuple:
+        return fingerprint, int(record["context_tokens"]), float(record["depth"]), int(record["trial"]), record["seed"]
+
+    def get(self, fingerprint: str, trial: Trial) -> dict[str, Any] | None:
+        return self.done.get(self._key(fingerprint, trial.record()))
+
+    def add(self, fingerprint: str, record: dict[str, Any], **measured: Any) -> None:
+        entry = {"fingerprint": fingerprint, "record": record, **measured}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")  # end a line cut off mid-write before adding one
+            f.write(json.dumps(entry).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[self._key(fingerprint, record)] = entry
+
+
+def model_fingerprint(entry: ModelEntry, cfg: DictConfig) -> str:
+    """What a trial's result depends on besides its prompt: the model and its weights, dtype and decoding."""
+    keys = ("dtype", "max_new_tokens", "prefill_chunk", "prompt_format", "needle_kind", "seed")
+    directory = Path(str(entry.checkpointer_cfg.get("checkpoint_dir")))
+    weights = sorted(  # rewritten weights (a retrained checkpoint in the same directory) are another model
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.glob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json")
+    )
+    what = {
+        "name": entry.name,
+        "weights": weights,
+        "model": OmegaConf.to_container(entry.model_cfg, resolve=True),
+        "checkpointer": OmegaConf.to_container(entry.checkpointer_cfg, resolve=True),
+        **{k: cfg.get(k) for k in keys},
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def evaluate_model(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -282,21 +345,40 @@ def evaluate_model(
     device: torch.device,
     cache_dtype: torch.dtype,
     progress: bool = True,
+    journal: TrialJournal | None = None,
+    fingerprint: str = "",
 ) -> ModelResult:
-    """Run every trial through ``model`` and score it; one KV cache per context length, reset between trials."""
+    """Run every trial through ``model`` and score it; one KV cache per context length, reset between trials.
+    Trials found in ``journal`` under ``fingerprint`` are taken from it (with their time, cache bytes and peak
+    memory); the others are run and appended to it."""
     mla_config = getattr(model, "mla_config", None)
     result = ModelResult(name=name, checkpoint=checkpoint, kv_cache_dtype=getattr(mla_config, "kv_cache_dtype", None))
     cells = tqdm(total=len(grid.context_lengths) * len(grid.depths), desc=f"passkey {name}", disable=not progress)
     for length in grid.context_lengths:
         row = [t for t in trials if t.context_tokens == length]
+        journaled = {id(t): journal.get(fingerprint, t) for t in row} if journal is not None else {}
+        result.seconds[length] = 0.0
+        for entry in filter(None, journaled.values()):
+            result.seconds[length] += entry["seconds"]
+            result.kv_cache_bytes[length] = entry["kv_cache_bytes"]
+            if entry.get("peak_memory_bytes") is not None:
+                peak = max(result.peak_memory_by_length.get(length, 0), entry["peak_memory_bytes"])
+                result.peak_memory_by_length[length] = peak
+        if all(journaled.get(id(t)) for t in row):
+            result.trials.extend(journaled[id(t)]["record"] for t in row)
+            cells.update(len(grid.depths))
+            continue
         cache_len = max(len(t.prompt) for t in row) + grid.max_new_tokens
-        start = time.perf_counter()
         if device.type == "cuda":  # per length; the model's overall peak is the largest of them
             torch.cuda.reset_peak_memory_stats(device)
         with local_kv_cache(model, batch_size=1, device=device, dtype=cache_dtype, decoder_max_seq_len=cache_len):
             result.kv_cache_bytes[length] = allocated_kv_cache_bytes(model)
             for depth in grid.depths:
                 for trial in (t for t in row if t.depth == depth):
+                    if journaled.get(id(trial)):
+                        result.trials.append(journaled[id(trial)]["record"])
+                        continue
+                    start = time.perf_counter()
                     ids = chunked_prefill_greedy(
                         model,
                         trial.prompt,
@@ -311,11 +393,22 @@ def evaluate_model(
                         extracted=extract_value(generated),
                         correct=is_correct(generated, trial.sample.answer),
                     )
+                    seconds = time.perf_counter() - start
+                    result.seconds[length] += seconds
                     result.trials.append(record)
+                    if journal is not None:
+                        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+                        journal.add(
+                            fingerprint,
+                            record,
+                            seconds=seconds,
+                            kv_cache_bytes=result.kv_cache_bytes[length],
+                            peak_memory_bytes=peak,
+                        )
                 cells.update(1)
-        result.seconds[length] = time.perf_counter() - start
         if device.type == "cuda":
-            result.peak_memory_by_length[length] = torch.cuda.max_memory_allocated(device)
+            peak = max(result.peak_memory_by_length.get(length, 0), torch.cuda.max_memory_allocated(device))
+            result.peak_memory_by_length[length] = peak
     cells.close()
     result.peak_memory_bytes, result.peak_memory_kind = peak_memory(device)
     if result.peak_memory_by_length:
@@ -367,10 +460,19 @@ def run(cfg: DictConfig, load_model: Callable[[ModelEntry], torch.nn.Module] | N
     device = utils.get_device(cfg.get("device", "cpu"))
     dtype = training.get_dtype(cfg.get("dtype", "fp32"), device=device)
     load_model = load_model or (lambda entry: load_checkpointed_model(entry, device, dtype, cfg.output_dir))
+    journal = TrialJournal(Path(cfg.output_dir) / "trials.jsonl", resume=bool(cfg.get("resume", True)))
     results = []
     for entry in entries:
+        fingerprint = model_fingerprint(entry, cfg)
+        resumed = sum(journal.get(fingerprint, t) is not None for t in trials)
         model = load_model(entry).eval()
-        log.info("%s: %d trials over %d cells", entry.name, len(trials), len(grid.context_lengths) * len(grid.depths))
+        log.info(
+            "%s: %d trials over %d cells%s",
+            entry.name,
+            len(trials),
+            len(grid.context_lengths) * len(grid.depths),
+            f"; {resumed} taken from {journal.path} (resume=False re-runs them)" if resumed else "",
+        )
         result = evaluate_model(
             model,
             tokenizer,
@@ -381,6 +483,8 @@ def run(cfg: DictConfig, load_model: Callable[[ModelEntry], torch.nn.Module] | N
             device=device,
             cache_dtype=dtype,
             progress=bool(cfg.get("progress", True)),
+            journal=journal,
+            fingerprint=fingerprint,
         )
         results.append(result.to_dict())
         del model

@@ -48,7 +48,7 @@ class ModelResult:
         checkpoint: the checkpoint directory evaluated.
         trials: per-trial records (keys of ``TRIAL_FIELDS`` except ``model``).
         kv_cache_bytes: KV-cache bytes allocated per context length (cache sized for prompt + new tokens).
-        seconds: wall time per context length.
+        seconds: time of the trials of each context length (prefill + decode; a resumed run adds the journaled ones).
         peak_memory_by_length: peak CUDA allocation while each context length ran (CUDA only).
         peak_memory_bytes: peak CUDA allocation, or the process's peak RSS on CPU.
         peak_memory_kind: ``"cuda_max_allocated"`` or ``"cpu_max_rss"``.
@@ -236,3 +236,40 @@ def load_results(path: Path) -> dict[str, Any]:
     if data.get("format") != RESULTS_FORMAT:
         raise ValueError(f"{path} is not a passkey_eval results file (format {data.get('format')!r})")
     return data
+
+
+def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
+    """One compare report from several runs' ``results.json`` (e.g. one process per model on a shared GPU).
+
+    The models keep their order; the first run's config is kept, with the sources listed under ``merged_from``.
+    Two models of one name, or a file that is no passkey report, are refused.
+    """
+    if not sources:
+        raise ValueError("merge needs at least one results.json (or a directory holding one)")
+    runs = [load_results(Path(source)) for source in sources]
+    models: list[dict[str, Any]] = []
+    for source, run in zip(sources, runs):
+        for model in run["models"]:
+            if any(seen["name"] == model["name"] for seen in models):
+                raise ValueError(f"model {model['name']!r} appears twice (again in {source}); merge distinct runs")
+            models.append(model)
+    config = {**runs[0]["config"], "merged_from": [str(source) for source in sources]}
+    return write_report(Path(output_dir), config, models)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mla_components.evaluation.report merge OUTPUT_DIR RUN_DIR...``: one report of several runs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mla_components.evaluation.report", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge several passkey reports into one compare report")
+    merge.add_argument("output_dir", type=Path)
+    merge.add_argument("sources", type=Path, nargs="+", help="results.json files or the directories holding them")
+    args = parser.parse_args(argv)
+    for path in merge_reports(args.sources, args.output_dir).values():
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

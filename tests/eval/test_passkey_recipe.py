@@ -3,16 +3,20 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from mla_components.data import byte_tokenizer
-from mla_components.evaluation.passkey import PasskeyGrid, make_trials, run
+from mla_components.evaluation.passkey import PasskeyGrid, load_checkpointed_model, make_trials, run
+from mla_components.evaluation.report import main as merge_main
+from mla_components.evaluation.report import merge_reports
 from tests.eval.conftest import PASSKEY_CONFIG, SMALL_GRID
 
 TUNE = str(Path(sys.executable).with_name("tune"))
@@ -141,3 +145,57 @@ def test_model_names_selects_entries_and_distractor_answers_are_counted(passkey_
     expected = sum(t["extracted"] in t["distractors"] for t in trials)
     assert row["distractor_answers"] == expected
     assert row["decoy_answers"] == sum(t["extracted"] in t["decoys"] for t in trials)
+
+    # runs of single models (one process each on a shared GPU) merge into one compare report
+    other = run(OmegaConf.merge(cfg, {"model_names": ["a"], "output_dir": str(Path(cfg.output_dir) / "a")}))
+    merged = Path(cfg.output_dir) / "merged"
+    merge_main(["merge", str(merged), str(Path(cfg.output_dir)), str(other["json"])])
+    report = json.loads((merged / "results.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["b", "a"]
+    assert report["models"][0] == model
+    assert len(report["config"]["merged_from"]) == 2
+    assert re.search(r"^\s*context\s+b\s+a$", (merged / "summary.txt").read_text(), re.M)  # the compare table
+    with pytest.raises(ValueError, match="model 'b' appears twice"):
+        merge_reports([Path(cfg.output_dir), Path(cfg.output_dir)], merged)
+
+
+def test_a_stopped_run_resumes_from_its_journal_and_equals_an_uninterrupted_one(passkey_cfg):
+    """Every finished trial is journaled (``trials.jsonl``); the same command runs only the missing trials (a
+    half-written last line is ignored), and ``resume=False`` runs them all again."""
+    calls = []
+
+    def counting(entry):
+        model = load_checkpointed_model(entry, torch.device("cpu"), torch.float32, passkey_cfg.output_dir)
+        model.register_forward_pre_hook(lambda *_: calls.append(1))
+        return model
+
+    full = json.loads(run(passkey_cfg, load_model=counting)["json"].read_text())
+    forwards_per_run = len(calls)
+    journal = Path(passkey_cfg.output_dir) / "trials.jsonl"
+    lines = journal.read_text().splitlines()
+    assert len(lines) == len(full["models"][0]["trials"]) == 8
+
+    journal.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])  # stopped while writing the sixth trial
+    calls.clear()
+    resumed = json.loads(run(passkey_cfg, load_model=counting)["json"].read_text())
+    assert 0 < len(calls) < forwards_per_run  # only the three missing trials ran
+    (model,), (expected,) = resumed["models"], full["models"]
+    assert model["trials"] == expected["trials"]
+    assert model["cells"] == expected["cells"]
+    assert [r["kv_cache_bytes"] for r in model["lengths"]] == [r["kv_cache_bytes"] for r in expected["lengths"]]
+
+    calls.clear()
+    run(passkey_cfg, load_model=counting)  # everything journaled: no forward at all
+    assert calls == []
+    run(OmegaConf.merge(passkey_cfg, {"resume": False}), load_model=counting)
+    assert len(calls) == forwards_per_run
+    # another model (or other decoding settings) never reuses these trials
+    calls.clear()
+    run(OmegaConf.merge(passkey_cfg, {"max_new_tokens": SMALL_GRID["max_new_tokens"] + 1}), load_model=counting)
+    assert len(calls) > 0
+    # nor do retrained weights written into the same checkpoint directory
+    calls.clear()
+    weights = next(Path(passkey_cfg.checkpointer.checkpoint_dir).glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    run(passkey_cfg, load_model=counting)
+    assert len(calls) == forwards_per_run

@@ -23,9 +23,10 @@ paged ``[num_blocks, page_size, d]`` with an int32 ``block_table [B, max_blocks]
 an optional boolean ``key_mask`` additionally selects keys (Torchtune's generation masks, left padding).
 
 FP8 cache (FlashMLA's 656-byte rows for 512 + 64): ``c_kv`` in float8_e4m3fn with ``c_kv_scale`` (fp32, one per
-``FP8_GROUP_SIZE`` latent values of a token) and ``k_pe`` in bf16. Each tile is dequantised in registers right
-after its load (``e4m3 -> fp32 * scale -> query dtype``), so only the fp8 bytes cross the memory bus; the
-products then run as in the unquantised kernel.
+``FP8_GROUP_SIZE`` latent values of a token) and ``k_pe`` in bf16. Only the fp8 bytes cross the memory bus: the
+latent tiles are loaded as ``[groups, tokens, FP8_GROUP_SIZE]``, widened to the query dtype (exact: every e4m3
+value is a 16-bit float), and each group's scale is applied once per (token, group) — to the group's partial
+score before the groups are summed, and to the probabilities of the group's P·V product — never per value.
 """
 
 from dataclasses import dataclass
@@ -202,20 +203,33 @@ def _mla_decode_stage1(
     start = pid_s * split_len
     end = tl.minimum(start + split_len, seq_len)
 
-    q_lat = tl.load(
-        q_lat_ptr + row * stride_ql_r + offs_h[:, None] * stride_ql_h + offs_c[None, :],
-        mask=head_ok[:, None] & c_ok[None, :],
-        other=0.0,
-    )
     q_pe = tl.load(
         q_pe_ptr + row * stride_qp_r + offs_h[:, None] * stride_qp_h + offs_r[None, :],
         mask=head_ok[:, None] & r_ok[None, :],
         other=0.0,
     )
-
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles must not produce NaN
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    if FP8:
+        # [groups, heads, GROUP] tiles: one scale per (token, group) multiplies a whole group's dot product, so the
+        # e4m3 values enter the MMAs as they are (exact in 16 bits) and no tile is reshaped or rescaled per value
+        offs_g = tl.arange(0, NUM_GROUPS)
+        offs_k = tl.arange(0, GROUP)
+        g_ok = offs_g < D_C // GROUP
+        lat3 = offs_g[:, None, None] * GROUP + offs_k[None, None, :]
+        q_lat = tl.load(
+            q_lat_ptr + row * stride_ql_r + offs_h[None, :, None] * stride_ql_h + lat3,
+            mask=g_ok[:, None, None] & head_ok[None, :, None],
+            other=0.0,
+        )
+        acc = tl.zeros([NUM_GROUPS, BLOCK_H, GROUP], dtype=tl.float32)
+    else:
+        q_lat = tl.load(
+            q_lat_ptr + row * stride_ql_r + offs_h[:, None] * stride_ql_h + offs_c[None, :],
+            mask=head_ok[:, None] & c_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
 
     for tile in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         tok = tile + offs_n
@@ -230,21 +244,24 @@ def _mla_decode_stage1(
             ckv_rows = seq.to(tl.int64) * stride_ckv_b + tok.to(tl.int64) * stride_ckv_t
             kpe_rows = seq.to(tl.int64) * stride_kpe_b + tok.to(tl.int64) * stride_kpe_t
             cs_rows = seq.to(tl.int64) * stride_cs_b + tok.to(tl.int64) * stride_cs_t
-        kv_mask = tok_ok[:, None] & c_ok[None, :]
-        kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=kv_mask, other=0.0)
         kr = tl.load(kpe_ptr + kpe_rows[:, None] + offs_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+        kr = kr.to(q_pe.dtype)  # the rope key stays 16-bit in the fp8 layout
         if FP8:
-            # one scale per GROUP values: load the [BLOCK_N, NUM_GROUPS] scales once and broadcast them over a
-            # [BLOCK_N, NUM_GROUPS, GROUP] view of the tile (a per-value gather would issue 4 B loads per 1 B value)
-            offs_g = tl.arange(0, NUM_GROUPS)
-            sc_mask = tok_ok[:, None] & (offs_g < D_C // GROUP)[None, :]
-            sc = tl.load(ckv_scale_ptr + cs_rows[:, None] + offs_g[None, :], mask=sc_mask, other=0.0)
-            kv = tl.reshape(kv.to(tl.float32), [BLOCK_N, NUM_GROUPS, GROUP]) * sc[:, :, None]
-            kv = tl.reshape(kv, [BLOCK_N, BLOCK_C]).to(q_lat.dtype)
-            kr = kr.to(q_pe.dtype)  # the rope key stays bf16 in the fp8 layout
-
-        scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-        scores = _dot(q_lat, tl.trans(kv), scores, IEEE)
+            kv = tl.load(
+                ckv_ptr + ckv_rows[None, :, None] + lat3,
+                mask=g_ok[:, None, None] & tok_ok[None, :, None],
+                other=0.0,
+            ).to(q_lat.dtype)  # [groups, BLOCK_N, GROUP]
+            sc = tl.load(
+                ckv_scale_ptr + cs_rows[None, :] + offs_g[:, None], mask=g_ok[:, None] & tok_ok[None, :], other=0.0
+            )
+            part = tl.zeros([NUM_GROUPS, BLOCK_H, BLOCK_N], dtype=tl.float32)
+            part = _dot(q_lat, tl.trans(kv, 0, 2, 1), part, IEEE)
+            scores = tl.sum(part * sc[:, None, :], axis=0)
+        else:
+            kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
+            scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+            scores = _dot(q_lat, tl.trans(kv), scores, IEEE)
         scores = _dot(q_pe, tl.trans(kr), scores, IEEE)
         scores = scores * qk_scale
         keep = tok_ok
@@ -261,15 +278,25 @@ def _mla_decode_stage1(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(kv.dtype), kv, acc, IEEE)
+        if FP8:  # each group's values weighted by p times that group's scale
+            acc = acc * alpha[None, :, None]
+            acc = _dot((p[None, :, :] * sc[:, None, :]).to(kv.dtype), kv, acc, IEEE)
+        else:
+            acc = acc * alpha[:, None]
+            acc = _dot(p.to(kv.dtype), kv, acc, IEEE)
         m_i = m_new
 
     nonempty = l_i > 0.0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    store_mask = head_ok[:, None] & c_ok[None, :]
-    o_ptrs = out_ptr + row * stride_o_r + offs_h[:, None] * stride_o_h + pid_s * stride_o_s + offs_c[None, :]
+    o_base = out_ptr + row * stride_o_r + pid_s * stride_o_s
+    if FP8:
+        out = acc / tl.where(nonempty, l_i, 1.0)[None, :, None]
+        o_ptrs = o_base + offs_h[None, :, None] * stride_o_h + lat3
+        store_mask = g_ok[:, None, None] & head_ok[None, :, None]
+    else:
+        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+        o_ptrs = o_base + offs_h[:, None] * stride_o_h + offs_c[None, :]
+        store_mask = head_ok[:, None] & c_ok[None, :]
     if DIRECT:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
         tl.store(lse_ptr + row * stride_l_r + offs_h * stride_l_h, lse2 * 0.6931471805599453, mask=head_ok)

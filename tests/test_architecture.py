@@ -25,6 +25,8 @@ LAYERS: list[dict[str, list[str]]] = [
         "compat": ["mla_components.compat"],
         # config-field checks (positive integers, even rope dims) shared by every layer
         "validation": ["mla_components._validation"],
+        # the optimizer of the bf16 recipes (fp32 master weights); torch only
+        "optim": ["mla_components.optim"],
     },
     # attention (with its PyTorch absorbed decode), RoPE incl. the Triton-backed one, KV cache, kernel_backend policy
     {"modules": ["mla_components.modules"]},

@@ -53,7 +53,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         ids = [i for group in state_dict["param_groups"] for i in group["params"]]
         params = [p for group in self.param_groups for p in group["params"]]
-        for i, p in zip(ids, params):
+        for i, p in zip(ids, params, strict=True):
             for key in ("exp_avg", "exp_avg_sq", "master"):
                 if key in state_dict["state"].get(i, {}):
                     self.state[p][key] = state_dict["state"][i][key].to(p.device, torch.float32, copy=True)

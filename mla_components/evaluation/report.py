@@ -248,7 +248,7 @@ def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
         raise ValueError("merge needs at least one results.json (or a directory holding one)")
     runs = [load_results(Path(source)) for source in sources]
     models: list[dict[str, Any]] = []
-    for source, run in zip(sources, runs):
+    for source, run in zip(sources, runs, strict=True):
         for model in run["models"]:
             if any(seen["name"] == model["name"] for seen in models):
                 raise ValueError(f"model {model['name']!r} appears twice (again in {source}); merge distinct runs")

@@ -26,7 +26,7 @@ def test_fp32_parameters_follow_torch_adamw():
     kwargs = dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
     _train(ours, MasterWeightAdamW(ours.parameters(), **kwargs), steps=20)
     _train(ref, torch.optim.AdamW(ref.parameters(), **kwargs), steps=20)
-    for a, b in zip(ours.parameters(), ref.parameters()):
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -48,7 +48,7 @@ def test_small_updates_of_bf16_parameters_accumulate_in_the_master_weights():
         MasterWeightAdamW([kept], lr=lr, weight_decay=0.0),
     ]
     for grad in grads:
-        for param, optimizer in zip((fp32, plain, kept), optimizers):
+        for param, optimizer in zip((fp32, plain, kept), optimizers, strict=True):
             param.grad = grad.to(param.dtype)
             optimizer.step()
     master = optimizers[2].state[kept]["master"]
@@ -68,7 +68,7 @@ def test_state_dict_round_trip_resumes_exactly():
     opt_b.load_state_dict(opt_a.state_dict())
     _train(a, opt_a, steps=5, seed=1)
     _train(b, opt_b, steps=5, seed=1)
-    for x, y in zip(a.parameters(), b.parameters()):
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(x, y)
         assert torch.equal(opt_a.state[x]["master"], opt_b.state[y]["master"])
         assert opt_b.state[y]["master"].dtype == opt_b.state[y]["exp_avg"].dtype == torch.float32

@@ -4,19 +4,22 @@ The prompt is haystack + question; ``chosen`` answers with the needle value, ``r
 
 - ``wrong_digits``: the value with one or two digits changed (a number that occurs nowhere in the prompt);
 - ``distractor``: the value of another needle in the same haystack (``multi`` needles only);
-- ``haystack_value``: a needle-shaped number that occurs in the filler (every haystack holds at least one).
+- ``haystack_value``: a needle-shaped number that occurs in the filler (every haystack holds at least one);
+- ``digit_count``: the value's digits with one left out or a run of 1-3 of them repeated (``5873`` or
+  ``5873939`` for ``58739``), the copy errors of long-range retrieval; never a number of the prompt.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from mla_components.data._haystack import NeedleSample, sample_rng
 from mla_components.data._sft import NeedleSamples
 
-REJECTION_KINDS = ("wrong_digits", "distractor", "haystack_value")
+REJECTION_KINDS = ("wrong_digits", "distractor", "haystack_value", "digit_count")
 
 
 def _applies(rejection: str, needle_kind: str) -> bool:
@@ -31,6 +34,8 @@ def hallucinated_answer(rng: random.Random, sample: NeedleSample, rejection: str
         return rng.choice(sample.distractors)
     if rejection == "haystack_value":
         return rng.choice(sample.decoys)
+    if rejection == "digit_count":
+        return _miscounted(rng, sample)
     if rejection != "wrong_digits":
         raise ValueError(f"rejection kind must be one of {REJECTION_KINDS}, got {rejection!r}")
     while True:
@@ -43,6 +48,19 @@ def hallucinated_answer(rng: random.Random, sample: NeedleSample, rejection: str
             return wrong
 
 
+def _miscounted(rng: random.Random, sample: NeedleSample) -> str:
+    answer = sample.answer
+    while True:
+        at = rng.randrange(len(answer))
+        if len(answer) > 2 and rng.random() < 0.5:
+            wrong = answer[:at] + answer[at + 1 :]
+        else:
+            run = rng.randint(1, min(3, len(answer) - at))
+            wrong = answer[: at + run] + answer[at : at + run] + answer[at + run :]
+        if wrong[0] != "0" and not re.search(rf"(?<!\d){wrong}(?!\d)", sample.prompt):
+            return wrong
+
+
 class NeedleDPODataset(NeedleSamples):
     """Map-style preference dataset; item ``i`` is a pure function of (split, seed, i).
 
@@ -52,6 +70,9 @@ class NeedleDPODataset(NeedleSamples):
     """
 
     stream = "dpo"
+    # a rejected answer has up to 3 digits more than the value (a 7-digit distractor for a 4-digit value, a
+    # repeated run of 3): the sample is sized so that both sides fit context_tokens
+    answer_reserve = 3
 
     def __init__(self, tokenizer: Any, *, rejection_kinds: Sequence[str] = REJECTION_KINDS, **sampling: Any) -> None:
         sampling.setdefault("needle_kinds", ("passkey", "kv", "multi"))

@@ -192,6 +192,7 @@ def minimum_context_tokens(tokenizer: Any, *, kind: str, split: str, answer_in_l
             decoy_templates=longest(vocab.decoy_templates, 1),
             passkey_templates=(template,),
             kv_templates=(template,),
+            value_digits=(vocab.value_digits[1],) * 2,
         )
         draft = _draw_needles(random.Random(0), worst_vocab, kind, depth=0.0, most_needles=True)
         decoy = _Filler(draft.decoy[0], 0, draft.decoy[1])
@@ -222,10 +223,13 @@ class _Filler:
     decoy_value: str | None = None
 
 
-def _draw_value(rng: random.Random, taken: set[str]) -> str:
-    """A fresh 5-digit value (as the Landmark passkeys), distinct from every value already in the sample."""
+def _draw_value(rng: random.Random, taken: set[str], digits: tuple[int, int] = (5, 5)) -> str:
+    """A fresh value of ``digits`` (low, high) decimal digits (the split's ``value_digits``; the Landmark passkeys
+    have five), distinct from every value already in the sample."""
+    low, high = digits
     while True:
-        value = str(rng.randint(10_000, 99_999))
+        length = low if low == high else rng.randint(low, high)  # one fixed length draws as it always did
+        value = str(rng.randint(10 ** (length - 1), 10**length - 1))
         if value not in taken:
             taken.add(value)
             return value
@@ -235,7 +239,7 @@ def _draw_needles(rng: random.Random, vocab: SplitVocabulary, kind: str, depth: 
     taken: set[str] = set()
     if kind == "passkey":
         template, question = rng.choice(vocab.passkey_templates)
-        value = _draw_value(rng, taken)
+        value = _draw_value(rng, taken, vocab.value_digits)
         needles, values = [template.format(value=value)], [value]
     else:
         template, question_template = rng.choice(vocab.kv_templates)
@@ -245,11 +249,11 @@ def _draw_needles(rng: random.Random, vocab: SplitVocabulary, kind: str, depth: 
             name = f"{rng.choice(vocab.first_names)} {rng.choice(vocab.last_names)}"
             if name not in names:
                 names.append(name)
-        values = [_draw_value(rng, taken) for _ in names]
+        values = [_draw_value(rng, taken, vocab.value_digits) for _ in names]
         needles = [template.format(name=name, value=value) for name, value in zip(names, values, strict=True)]
         question = question_template.format(name=names[0])
     depths = [rng.random() if depth is None else float(depth)] + [rng.random() for _ in needles[1:]]
-    decoy_value = _draw_value(rng, taken)
+    decoy_value = _draw_value(rng, taken, vocab.value_digits)
     decoy = (_decoy_sentence(rng, vocab, decoy_value), decoy_value)
     intros = (vocab.intro, *vocab.extra_intros)
     intro = max(intros, key=len) if most_needles else (rng.choice(intros) if vocab.extra_intros else vocab.intro)
@@ -381,7 +385,7 @@ def build_needle_sample(
     # Whole sentences while they fit; the mandatory decoy goes at a random place among them.
     while True:
         if haystack != "repeat" and rng.randrange(DECOY_EVERY) == 0:
-            value = _draw_value(rng, draft.taken_values)
+            value = _draw_value(rng, draft.taken_values, vocab.value_digits)
             piece = _Filler(_decoy_sentence(rng, vocab, value), 0, value)
         else:
             piece = _Filler(next_sentence(), 0)
@@ -399,10 +403,11 @@ def build_needle_sample(
             break
         tail_words.append(word)
         tail_tokens += piece_tokens(word)
-    for word in sorted(_GAP_WORDS, key=len, reverse=True):
-        if used + tail_tokens + piece_tokens(word) <= budget:
-            tail_words.append(word)
-            tail_tokens += piece_tokens(word)
+    gap_words = sorted(_GAP_WORDS, key=len, reverse=True)
+    while any(used + tail_tokens + piece_tokens(word) <= budget for word in gap_words):  # a word too long to fit
+        word = next(w for w in gap_words if used + tail_tokens + piece_tokens(w) <= budget)  # leaves no long gap
+        tail_words.append(word)
+        tail_tokens += piece_tokens(word)
     if tail_words:
         filler.append(_Filler(" ".join(tail_words), tail_tokens))
     # Verify once on the real rendering; drop trailing filler if the tokenizer merged across piece boundaries.

@@ -88,6 +88,7 @@ class NeedleSamples(Dataset):
     the sampling ones of :func:`needle_sft_dataset`; the subclasses take them as keywords and add their own."""
 
     stream = ""  # names the dataset's own random stream, so SFT and DPO samples are independent
+    answer_reserve = 0  # tokens a sample leaves free for an answer longer than its own (DPO's rejected ones)
 
     def __init__(
         self,
@@ -142,7 +143,7 @@ class NeedleSamples(Dataset):
         return build_needle_sample(
             self._tokenizer,
             sample_rng(self._split, self._seed, self.stream, index),
-            target_tokens=length,
+            target_tokens=length - self.answer_reserve,
             depth=self._depth,
             kind=self._kinds[index % len(self._kinds)],
             split=self._split,

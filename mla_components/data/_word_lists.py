@@ -35,6 +35,8 @@ class SplitVocabulary:
     # Variety for long-context training; the generator draws from these when they are given.
     extra_intros: tuple[str, ...] = ()
     answer_cues: tuple[str, ...] = ("Answer:",)  # ends a plain-text (no chat template) prompt
+    # Digits of needle values (and decoys), drawn per value; (5, 5) = the Landmark passkeys' five digits.
+    value_digits: tuple[int, int] = (5, 5)
 
     def content_words(self) -> set[str]:
         """Lower-cased words of the word lists and name pools (used to check that splits are disjoint)."""
@@ -125,6 +127,7 @@ TRAIN = SplitVocabulary(
         "Study this; you will be quizzed.",
     ),
     answer_cues=("Answer:", "The answer is", "A:", "Response:", "It is", "Reply with the number:", "Result:"),
+    value_digits=(4, 7),  # a model that only ever copied five digits learned the format, not the retrieval
 )
 
 EVAL = SplitVocabulary(

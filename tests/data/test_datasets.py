@@ -165,8 +165,9 @@ def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
     for i in range(len(dataset)):
         sample, rejected, origin = dataset.preference(i)
         seen.add(origin)
-        assert rejected != sample.answer and len(rejected) == len(sample.answer)
+        assert rejected != sample.answer
         if origin == "wrong_digits":
+            assert len(rejected) == len(sample.answer)
             changed = sum(a != b for a, b in zip(rejected, sample.answer, strict=True))
             assert 1 <= changed <= 2 and rejected not in sample.prompt and rejected[0] != "0"
         elif origin == "distractor":
@@ -176,6 +177,17 @@ def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
                 for needle, _ in TRAIN.kv_templates
             ]
             assert re.search("|".join(needle_sentences), sample.context)
+        elif origin == "digit_count":  # one digit left out, or a run of 1-3 digits repeated
+            dropped = len(rejected) == len(sample.answer) - 1 and any(
+                sample.answer[:i] + sample.answer[i + 1 :] == rejected for i in range(len(sample.answer))
+            )
+            repeated = any(
+                sample.answer[: i + r] + sample.answer[i : i + r] + sample.answer[i + r :] == rejected
+                for i in range(len(sample.answer))
+                for r in (1, 2, 3)
+            )
+            assert (dropped or repeated) and rejected[0] != "0"
+            assert not re.search(rf"(?<!\d){rejected}(?!\d)", sample.prompt)
         else:
             assert origin == "haystack_value" and rejected in sample.decoys and rejected in sample.context
             assert rejected not in sample.distractors
@@ -185,7 +197,7 @@ def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
 def test_distractor_rejection_is_skipped_where_it_cannot_apply(byte_tok):
     dataset = needle_dpo_dataset(byte_tok, num_samples=16, context_tokens=500, needle_kinds=["passkey", "kv"])
     origins = {dataset.preference(i)[2] for i in range(len(dataset))}
-    assert origins == {"wrong_digits", "haystack_value"}
+    assert origins == {"wrong_digits", "haystack_value", "digit_count"}
 
 
 def test_dpo_collates_with_padded_collate_dpo(byte_tok):

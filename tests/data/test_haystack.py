@@ -161,3 +161,18 @@ def test_bad_arguments_name_the_field(byte_tok, kwargs, field):
 def test_rejects_a_non_model_tokenizer():
     with pytest.raises(ValueError, match="tokenizer must be a Torchtune ModelTokenizer"):
         make_needle_sample(object(), context_tokens=1000, depth=0.5, seed=0)
+
+
+def test_train_values_vary_in_length_and_eval_values_keep_the_landmark_five_digits(byte_tok):
+    """Training on 4-7 digit values (answers, distractors, decoys), so a model cannot learn to emit five digits
+    whatever it read; the eval split keeps the standard five."""
+    assert TRAIN.value_digits == (4, 7) and EVAL.value_digits == (5, 5)
+    lengths = set()
+    for seed in range(12):
+        sample = make_needle_sample(byte_tok, context_tokens=1500, depth=None, kind="multi", seed=seed, split="train")
+        values = (sample.answer, *sample.distractors, *sample.decoys)
+        assert all(4 <= len(v) <= 7 and v[0] != "0" for v in values)
+        lengths |= {len(v) for v in values}
+        held_out = make_needle_sample(byte_tok, context_tokens=1500, depth=None, kind="multi", seed=seed, split="eval")
+        assert all(len(v) == 5 for v in (held_out.answer, *held_out.distractors, *held_out.decoys))
+    assert lengths == {4, 5, 6, 7}

@@ -280,7 +280,8 @@ def decode_generated(tokenizer: Any, ids: Sequence[int]) -> str:
 
 class TrialJournal:
     """Finished trials of an output directory, one JSON line each (``trials.jsonl``), keyed by model fingerprint,
-    length, depth, trial index and seed. A partly written last line (the process killed mid-write) is ignored."""
+    length, depth, trial index, seed, answer and prompt length (a changed prompt generator is another trial). A
+    partly written last line (the process killed mid-write) is ignored."""
 
     def __init__(self, path: Path, resume: bool = True) -> None:
         self.path = Path(path)
@@ -297,7 +298,8 @@ class TrialJournal:
 
     @staticmethod
     def _key(fingerprint: str, record: Mapping[str, Any]) -> tuple:
-        return fingerprint, int(record["context_tokens"]), float(record["depth"]), int(record["trial"]), record["seed"]
+        cell = int(record["context_tokens"]), float(record["depth"]), int(record["trial"]), record["seed"]
+        return fingerprint, *cell, record["answer"], int(record["prompt_tokens"])
 
     def get(self, fingerprint: str, trial: Trial) -> dict[str, Any] | None:
         return self.done.get(self._key(fingerprint, trial.record()))
@@ -317,19 +319,20 @@ class TrialJournal:
 
 def model_fingerprint(entry: ModelEntry, cfg: DictConfig) -> str:
     """What a trial's result depends on besides its prompt: the model and its weights, dtype and decoding."""
-    keys = ("dtype", "max_new_tokens", "prefill_chunk", "prompt_format", "needle_kind", "seed")
+    keys = ("dtype", "max_new_tokens", "prefill_chunk", "prompt_format", "needle_kind", "seed", "tokenizer")
     directory = Path(str(entry.checkpointer_cfg.get("checkpoint_dir")))
     weights = sorted(  # rewritten weights (a retrained checkpoint in the same directory) are another model
         (p.name, p.stat().st_size, p.stat().st_mtime_ns)
         for p in directory.glob("*")
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json")
     )
+    settings = {k: cfg.get(k) for k in keys}
     what = {
         "name": entry.name,
         "weights": weights,
         "model": OmegaConf.to_container(entry.model_cfg, resolve=True),
         "checkpointer": OmegaConf.to_container(entry.checkpointer_cfg, resolve=True),
-        **{k: cfg.get(k) for k in keys},
+        **{k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in settings.items()},
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -223,7 +223,7 @@ class _Filler:
     decoy_value: str | None = None
 
 
-def _draw_value(rng: random.Random, taken: set[str], digits: tuple[int, int] = (5, 5)) -> str:
+def _draw_value(rng: random.Random, taken: set[str], digits: tuple[int, int]) -> str:
     """A fresh value of ``digits`` (low, high) decimal digits (the split's ``value_digits``; the Landmark passkeys
     have five), distinct from every value already in the sample."""
     low, high = digits
@@ -403,11 +403,11 @@ def build_needle_sample(
             break
         tail_words.append(word)
         tail_tokens += piece_tokens(word)
-    gap_words = sorted(_GAP_WORDS, key=len, reverse=True)
-    while any(used + tail_tokens + piece_tokens(word) <= budget for word in gap_words):  # a word too long to fit
-        word = next(w for w in gap_words if used + tail_tokens + piece_tokens(w) <= budget)  # leaves no long gap
-        tail_words.append(word)
-        tail_tokens += piece_tokens(word)
+    # short words, repeated while one fits: a next word too long for the budget leaves no gap of several tokens
+    gap_words = [(word, piece_tokens(word)) for word in sorted(_GAP_WORDS, key=len, reverse=True)]
+    while fits := [(word, n) for word, n in gap_words if used + tail_tokens + n <= budget]:
+        tail_words.append(fits[0][0])
+        tail_tokens += fits[0][1]
     if tail_words:
         filler.append(_Filler(" ".join(tail_words), tail_tokens))
     # Verify once on the real rendering; drop trailing filler if the tokenizer merged across piece boundaries.

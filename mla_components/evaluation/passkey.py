@@ -302,7 +302,8 @@ class TrialJournal:
         return fingerprint, *cell, record["answer"], int(record["prompt_tokens"])
 
     def get(self, fingerprint: str, trial: Trial) -> dict[str, Any] | None:
-        return self.done.get(self._key(fingerprint, trial.record()))
+        cell = trial.context_tokens, float(trial.depth), trial.trial, trial.seed
+        return self.done.get((fingerprint, *cell, trial.sample.answer, len(trial.prompt)))
 
     def add(self, fingerprint: str, record: dict[str, Any], **measured: Any) -> None:
         entry = {"fingerprint": fingerprint, "record": record, **measured}

@@ -1,29 +1,36 @@
 """Per-token decode latency of whole models at long context: mla_1b (triton / torch backends) vs gqa_1b.
 
-    python -O benchmarks/benchmark_decode_e2e.py --contexts 32768 131072 --json e2e.json
-    python -O benchmarks/benchmark_decode_e2e.py --contexts 1048576 --models mla_1b:triton mla_1b_fp8:triton
-
-(``-O`` strips the ``assert`` on the cache position in Torchtune's ``KVCache.update`` and ``MLAKVCache.update``:
-it reads a device tensor on the host, which CUDA-graph capture forbids.)
+    python benchmarks/benchmark_decode_e2e.py --contexts 32768 131072 --json e2e.json
+    python benchmarks/benchmark_decode_e2e.py --contexts 1048576 --models mla_1b:triton mla_1b_fp8:triton
 
 Random bf16 weights (speed does not depend on their values), batch 1. The caches are filled with random values
 and their position advanced to the context length (a 128k prefill would only cost time and memory here), then one
 decode step (token, position, mask over the whole cache as Torchtune's ``generate`` passes it) is timed: eagerly,
 and replayed from a CUDA graph (what a serving loop would do). Median of ``--steps`` steps after warm-up.
+
+Then the project's own greedy loop (``mla_components.decoding.cached_greedy_decode``, what the passkey evaluation
+and ``chunked_prefill_greedy`` run after prefill) generates ``--steps`` tokens from the filled cache, eagerly and
+with its default CUDA graph, wall clock including the per-token host read of the token (median of 5 runs, ms per
+token), against the memory floor: the weights and the filled cache read once per token at the device's copy
+bandwidth (measured in the same run).
 Per token, MLA reads 18,432 B of cache per position (16 layers x 576 x 2 B), GQA 32,768 B; ``mla_1b_fp8`` (the
 fp8 latent cache, ``kv_cache_dtype="fp8_e4m3"``) 10,496 B (16 x 656 B). Each row also reports the peak CUDA memory
 allocated from the model's build to its last timed step.
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
 import sys
+import time
 
 import torch
-from benchmark_mla import Timer  # benchmarks/ is the script's sys.path[0]
+from benchmark_mla import Timer, copy_bandwidth_gbps  # benchmarks/ is the script's sys.path[0]
 
+from mla_components.compat.torchtune import kv_cache_without_host_check
+from mla_components.decoding import CudaGraphStep, cached_greedy_decode
 from mla_components.models import gqa_1b, mla_1b
 from mla_components.modules import MLAKVCache
 
@@ -76,8 +83,25 @@ def time_decode(model, context: int, steps: int, graph: bool) -> list[float]:
     def step():
         return model(token, input_pos=input_pos, mask=mask)
 
-    with torch.no_grad():
+    # the caches' overflow assertions read the fill level on the host, which capture forbids (see CudaGraphStep)
+    with torch.no_grad(), kv_cache_without_host_check() if graph else contextlib.nullcontext():
         return Timer(steps, flush_l2=False)(step, graph=graph)
+
+
+def time_greedy_loop(model, context: int, tokens: int, graph: bool, runs: int = 5) -> float:
+    """Median over ``runs`` of the wall-clock ms per token of ``cached_greedy_decode`` from position ``context``."""
+    step = CudaGraphStep(model, enabled=graph)
+    cached_greedy_decode(model, 0, context, 4, step=step)  # warm-up; captures the graph
+    per_token = []
+    for _ in range(runs):
+        fill_caches_position(model, context)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        cached_greedy_decode(model, 0, context, tokens, step=step)
+        torch.cuda.synchronize()
+        per_token.append((time.perf_counter() - start) * 1e3 / tokens)
+    fill_caches_position(model, context)
+    return statistics.median(per_token)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,9 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmark_decode_e2e needs a CUDA device", file=sys.stderr)
         return 2
+    copy_gbps = copy_bandwidth_gbps(Timer(10))
+    print(f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)", flush=True)
     results = []
     for context in args.contexts:
-        headroom = 3 * args.steps + 64  # each timed step advances the cache position by one
+        headroom = 3 * args.steps + 64  # each timed step advances the cache position by one (rewound after each)
         for name in args.models:
             torch.cuda.reset_peak_memory_stats()
             model = build(name, max_seq_len=context + headroom)
@@ -110,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.synchronize()
                 # rewind: the timed steps advanced every cache position
                 fill_caches_position(model, context)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            row["floor_ms"] = (weight_bytes + per_position * context) / (copy_gbps * 1e6)
+            for mode in ("eager", "graph"):
+                ms = time_greedy_loop(model, context, args.steps, graph=mode == "graph")
+                row[f"loop_{mode}_ms_per_token"] = ms
+                row[f"loop_{mode}_vs_floor"] = ms / row["floor_ms"]
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if args.profile and name == args.models[0] and context == args.contexts[-1]:
                 profile_step(model, context)
@@ -121,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=results), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbps=copy_gbps, rows=results), f, indent=1)
     return 0
 
 

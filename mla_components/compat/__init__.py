@@ -6,7 +6,8 @@ installed version or one of those sources changes, so a dependency bump shows wh
 Modules import nothing else of this project, so any layer may use them:
 
 - :mod:`~mla_components.compat.torchtune`: Torchtune 0.6.1's distributed recipes on CPU-only machines (with
-  ``_cpu_site/sitecustomize.py``), and torchrun workers that die with their launcher;
+  ``_cpu_site/sitecustomize.py``), torchrun workers that die with their launcher, and ``KVCache`` decode steps
+  that CUDA graphs can capture;
 - :mod:`~mla_components.compat.triton_interpreter`: Triton 3.6.0's interpreter with NumPy >= 2.4;
 - :mod:`~mla_components.compat.lm_eval`: Torchtune's ``eleuther_eval`` recipe with lm-eval 0.4.8, offline and
   with transformers 5.

@@ -17,6 +17,9 @@ with its launcher. Both run in every process of a ``tune run`` launched by ``mla
 ``_cpu_site/`` with a ``sitecustomize.py`` on ``PYTHONPATH``; so do the tests and the SLURM launcher's CPU mode):
 torchrun's workers are fresh interpreters, and the DPO recipe binds ``init_process_group`` at import, so the patch
 must be in place before the recipe module loads.
+
+Separately, :func:`kv_cache_without_host_check` lets a decode step through Torchtune's ``KVCache`` be captured in a
+CUDA graph (``mla_components.decoding``).
 """
 
 import ctypes
@@ -24,6 +27,8 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 UPSTREAM = {"torchtune": "0.6.1"}
@@ -36,6 +41,8 @@ RELIES_ON = {
     ),
     # binds init_process_group at import and calls it with "cuda:nccl,cpu:gloo"
     "torchtune-recipe:full_dpo_distributed.py": "9419fb45f8bbbe82243dc64bc628a3024ccd2caf787b2db869514a5e465ab651",
+    # asserts the fill level on the host; replaced while a decode step is captured in a CUDA graph
+    "torchtune.modules.kv_cache.KVCache.update": "6976bc01b5030601da22121c254f349529295a403fd9c9ef52a66c12111995f1",
 }
 SITE_DIR = Path(__file__).with_name("_cpu_site")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -100,3 +107,29 @@ def end_with_launcher() -> bool:
     if os.getppid() == 1:  # the launcher died before the signal was armed
         os.kill(os.getpid(), signal.SIGKILL)
     return True
+
+
+@contextmanager
+def kv_cache_without_host_check() -> Iterator[None]:
+    """Within the block, Torchtune's ``KVCache.update`` writes and advances the cache without its
+    ``assert cache_pos[0] + seq_len <= max_seq_len``: that reads a device tensor on the host, which CUDA-graph
+    capture forbids. Callers check the cache's capacity on the host before decoding (``mla_components.decoding``).
+    Process-wide while active: use it around a capture only."""
+    from torchtune.modules.kv_cache import KVCache
+
+    upstream = KVCache.update
+
+    def update(self, k_val, v_val):
+        if k_val.shape[0] > self.k_cache.shape[0]:
+            return upstream(self, k_val, v_val)  # upstream's ValueError, raised before its assert
+        positions = self.cache_pos[: k_val.shape[2]]
+        self.k_cache[:, :, positions] = k_val
+        self.v_cache[:, :, positions] = v_val
+        self.cache_pos.add_(k_val.shape[2])
+        return self.k_cache, self.v_cache
+
+    KVCache.update = update
+    try:
+        yield
+    finally:
+        KVCache.update = upstream

@@ -39,7 +39,7 @@ from torchtune.modules.common_utils import local_kv_cache
 from tqdm import tqdm
 
 from mla_components._validation import check_positive_int, is_positive_int
-from mla_components.decoding import chunked_prefill_greedy
+from mla_components.decoding import CudaGraphStep, chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
 from mla_components.evaluation.report import ModelResult, write_report
 from mla_components.evaluation.scoring import extract_value, is_correct
@@ -62,6 +62,8 @@ class PasskeyGrid:
         prefill_chunk: prompt tokens per prefill forward pass.
         prompt_format: ``chat`` (the project's haystack generator, eval split, in the model's chat template) or
             ``landmark`` (the standard Landmark-Attention passkey prompt, plain text; ``needle_kind`` passkey).
+        cuda_graph: on CUDA, replay each decode step from a CUDA graph (one capture per context length); False
+            launches them eagerly. The same tokens either way.
 
     Raises:
         ValueError: naming the field, for an empty or non-positive length list, a depth outside [0, 1], or a
@@ -76,6 +78,7 @@ class PasskeyGrid:
     max_new_tokens: int = 16
     prefill_chunk: int = 512
     prompt_format: str = "chat"
+    cuda_graph: bool = True
 
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
@@ -99,6 +102,8 @@ class PasskeyGrid:
             raise ValueError(f"depths has duplicates: {self.depths}")
         for name in ("trials_per_cell", "max_new_tokens", "prefill_chunk"):
             check_positive_int(name, getattr(self, name))
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> PasskeyGrid:
@@ -114,6 +119,7 @@ class PasskeyGrid:
             max_new_tokens=int(cfg.get("max_new_tokens", 16)),
             prefill_chunk=int(cfg.get("prefill_chunk", 512)),
             prompt_format=str(cfg.get("prompt_format", "chat")),
+            cuda_graph=cfg.get("cuda_graph", True),
         )
 
 
@@ -292,18 +298,22 @@ class TrialJournal:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
                     continue
-                self.done[self._key(entry["fingerprint"], entry["record"])] = entry
+                self.done[self._record_key(entry["fingerprint"], entry["record"])] = entry
         elif self.path.exists():
             self.path.unlink()
 
     @staticmethod
-    def _key(fingerprint: str, record: Mapping[str, Any]) -> tuple:
-        cell = int(record["context_tokens"]), float(record["depth"]), int(record["trial"]), record["seed"]
-        return fingerprint, *cell, record["answer"], int(record["prompt_tokens"])
+    def _key(fingerprint: str, context_tokens, depth, trial, seed, answer: str, prompt_tokens) -> tuple:
+        return fingerprint, int(context_tokens), float(depth), int(trial), seed, answer, int(prompt_tokens)
+
+    @classmethod
+    def _record_key(cls, fingerprint: str, record: Mapping[str, Any]) -> tuple:
+        fields = ("context_tokens", "depth", "trial", "seed", "answer", "prompt_tokens")
+        return cls._key(fingerprint, *(record[name] for name in fields))
 
     def get(self, fingerprint: str, trial: Trial) -> dict[str, Any] | None:
-        cell = trial.context_tokens, float(trial.depth), trial.trial, trial.seed
-        return self.done.get((fingerprint, *cell, trial.sample.answer, len(trial.prompt)))
+        cell = trial.context_tokens, trial.depth, trial.trial, trial.seed
+        return self.done.get(self._key(fingerprint, *cell, trial.sample.answer, len(trial.prompt)))
 
     def add(self, fingerprint: str, record: dict[str, Any], **measured: Any) -> None:
         entry = {"fingerprint": fingerprint, "record": record, **measured}
@@ -315,7 +325,7 @@ class TrialJournal:
             f.write(json.dumps(entry).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[self._key(fingerprint, record)] = entry
+        self.done[self._record_key(fingerprint, record)] = entry
 
 
 def model_fingerprint(entry: ModelEntry, cfg: DictConfig) -> str:
@@ -377,6 +387,7 @@ def evaluate_model(
             torch.cuda.reset_peak_memory_stats(device)
         with local_kv_cache(model, batch_size=1, device=device, dtype=cache_dtype, decoder_max_seq_len=cache_len):
             result.kv_cache_bytes[length] = allocated_kv_cache_bytes(model)
+            step = CudaGraphStep(model, grid.cuda_graph)  # one capture serves every trial of this cache
             for depth in grid.depths:
                 for trial in (t for t in row if t.depth == depth):
                     if journaled.get(id(trial)):
@@ -389,6 +400,7 @@ def evaluate_model(
                         grid.max_new_tokens,
                         prefill_chunk=grid.prefill_chunk,
                         stop_tokens=list(tokenizer.stop_tokens),
+                        step=step,
                     )
                     generated = decode_generated(tokenizer, ids)
                     record = trial.record()

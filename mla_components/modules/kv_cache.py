@@ -149,7 +149,8 @@ class MLAKVCache(nn.Module):
         bsz, seq_len, _ = c_kv.shape
         if bsz > self.cache.shape[0]:
             raise ValueError(f"The cache was set up for batch size {self.cache.shape[0]}, but got a batch of {bsz}")
-        assert (self.cache_pos[0] + seq_len) <= self.max_seq_len, "MLA KV cache overflow: raise max_seq_len"
+        if not (self.cache.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host read; capture forbids it
+            assert (self.cache_pos[0] + seq_len) <= self.max_seq_len, "MLA KV cache overflow: raise max_seq_len"
         positions = self.cache_pos[:seq_len]
         if self.quantized:  # written as bytes: index_put has no float8 kernels on every device
             values, scale = quantize_latent_fp8(c_kv)

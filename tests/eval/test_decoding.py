@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchtune.modules.common_utils import local_kv_cache
 
-from mla_components.decoding import chunked_prefill_greedy, greedy_generate
+from mla_components.decoding import CudaGraphStep, cached_greedy_decode, chunked_prefill_greedy, greedy_generate
 from mla_components.models import gqa_tiny, mla_tiny
 
 
@@ -84,3 +84,73 @@ def test_an_mla_decode_step_given_its_mask_reads_no_fill_level(monkeypatch):
         monkeypatch.setattr(MLAKVCache, "size", property(lambda self: pytest.fail("decode step read the fill level")))
         logits = model(tokens[:, 16:], mask=causal_cache_mask(16, 1, 64, tokens.device), input_pos=torch.tensor([[16]]))
     assert logits.shape[:2] == (1, 1) and torch.isfinite(logits).all()
+
+
+def test_kv_cache_without_host_check_updates_like_torchtune_and_restores_it():
+    """The capture-time stand-in for Torchtune's ``KVCache.update`` writes and advances the cache exactly as upstream
+    does (without its host-side assertion), and upstream is back after the block, even after an error."""
+    from torchtune.modules.kv_cache import KVCache
+
+    from mla_components.compat.torchtune import kv_cache_without_host_check
+
+    upstream = KVCache.update
+    torch.manual_seed(0)
+    caches = [KVCache(2, 16, num_kv_heads=2, head_dim=4, dtype=torch.float32) for _ in range(2)]
+    steps = [(torch.randn(2, 2, n, 4), torch.randn(2, 2, n, 4)) for n in (5, 1, 3)]
+    for k, v in steps:
+        caches[0].update(k, v)
+    with kv_cache_without_host_check():
+        assert KVCache.update is not upstream
+        for k, v in steps:
+            caches[1].update(k, v)
+        with pytest.raises(ValueError, match="batch size"):  # upstream's own check still runs
+            caches[1].update(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
+    assert KVCache.update is upstream
+    for name in ("k_cache", "v_cache", "cache_pos"):
+        torch.testing.assert_close(getattr(caches[1], name), getattr(caches[0], name), rtol=0, atol=0)
+    with pytest.raises(RuntimeError), kv_cache_without_host_check():
+        raise RuntimeError
+    assert KVCache.update is upstream
+
+
+def test_cuda_graph_step_is_the_plain_forward_off_cuda():
+    model = mla_tiny(max_seq_len=64).eval()
+    assert not CudaGraphStep(model, enabled=True).enabled and not CudaGraphStep(model).enabled
+    overflow = r"position \(10\) \+ max_new_tokens \(8\) exceed the KV cache \(16\)"
+    with (
+        local_kv_cache(model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=16),
+        pytest.raises(ValueError, match=overflow),
+    ):
+        cached_greedy_decode(model, 1, 10, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("builder", [mla_tiny, gqa_tiny], ids=["mla_tiny", "gqa_tiny"])
+def test_cuda_graph_decode_equals_eager_decode_on_gpu(builder):
+    """Replayed decode steps give the eager steps' tokens (chunked prefill + greedy, over several prompts through
+    one cache allocation) and logits (Torchtune's generate, batched with left padding); MLA decodes through the
+    Triton kernel."""
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = builder(max_seq_len=1024).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.1)
+    prompts = [torch.randint(0, 256, (n,), device="cuda") for n in (300, 200)]
+    for cuda_graph in (False, True):
+        with local_kv_cache(
+            model, batch_size=1, device=torch.device("cuda"), dtype=torch.float32, decoder_max_seq_len=320
+        ):
+            step = CudaGraphStep(model, cuda_graph)  # one capture for both prompts, as the passkey evaluation does
+            got = [chunked_prefill_greedy(model, p, 16, prefill_chunk=128, step=step) for p in prompts]
+            assert step.enabled == cuda_graph
+        if not cuda_graph:
+            expected = got
+    assert got == expected and all(len(ids) == 16 for ids in got)
+
+    batch = torch.zeros(2, 300, dtype=torch.long, device="cuda")
+    batch[0], batch[1, 100:] = prompts[0], prompts[1]  # left padding with pad_id 0
+    eager_tokens, eager_logits = greedy_generate(model, batch, 12, cuda_graph=False)
+    graph_tokens, graph_logits = greedy_generate(model, batch, 12, cuda_graph=True)
+    assert torch.equal(graph_tokens, eager_tokens)
+    torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)

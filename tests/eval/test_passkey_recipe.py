@@ -89,6 +89,7 @@ def _must_not_load(entry):
         ({"context_lengths": [512, 8190]}, r"context_lengths \[8190\] \+ max_new_tokens \(8\) exceed mla_tiny"),
         ({"context_lengths": []}, "context_lengths must be"),
         ({"trials_per_cell": 0}, "trials_per_cell must be"),
+        ({"cuda_graph": "yes"}, "cuda_graph must be true or false, got 'yes'"),
         ({"checkpointer": {"checkpoint_dir": "/nonexistent/epoch_9"}}, r"checkpointer.checkpoint_dir=/nonexistent"),
         ({"checkpointer": [{"checkpointer": {"checkpoint_dir": "x"}}]}, r"checkpointer\[0\] must be"),
         ({"output_dir": None}, "output_dir is not set"),

@@ -5,8 +5,9 @@ The prompt is haystack + question; ``chosen`` answers with the needle value, ``r
 - ``wrong_digits``: the value with one or two digits changed (a number that occurs nowhere in the prompt);
 - ``distractor``: the value of another needle in the same haystack (``multi`` needles only);
 - ``haystack_value``: a needle-shaped number that occurs in the filler (every haystack holds at least one);
-- ``digit_count``: the value's digits with one left out or a run of 1-3 of them repeated (``5873`` or
-  ``5873939`` for ``58739``), the copy errors of long-range retrieval; never a number of the prompt.
+- ``digit_count``: the value's digits with one left out, a run of 1-3 of them repeated, or the last digit repeated
+  2-6 more times as if the answer did not stop (``5873``, ``5873939`` or ``58739999`` for ``58739``), the copy
+  errors of long-range retrieval; never a number of the prompt.
 """
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ def _miscounted(rng: random.Random, sample: NeedleSample) -> str:
     answer = sample.answer
     while True:
         at = rng.randrange(len(answer))
-        if len(answer) > 2 and rng.random() < 0.5:
+        error = rng.randrange(3)
+        if error == 0 and len(answer) > 2:
             wrong = answer[:at] + answer[at + 1 :]
+        elif error == 1:
+            wrong = answer + answer[-1] * rng.randint(2, 6)
         else:
             run = rng.randint(1, min(3, len(answer) - at))
             wrong = answer[: at + run] + answer[at : at + run] + answer[at + run :]
@@ -70,9 +74,9 @@ class NeedleDPODataset(NeedleSamples):
     """
 
     stream = "dpo"
-    # a rejected answer has up to 3 digits more than the value (a 7-digit distractor for a 4-digit value, a
-    # repeated run of 3): the sample is sized so that both sides fit context_tokens
-    answer_reserve = 3
+    # a rejected answer has up to 6 digits more than the value (a last digit repeated 6 more times; a 7-digit
+    # distractor for a 4-digit value): the sample is sized so that both sides fit context_tokens
+    answer_reserve = 6
 
     def __init__(self, tokenizer: Any, *, rejection_kinds: Sequence[str] = REJECTION_KINDS, **sampling: Any) -> None:
         sampling.setdefault("needle_kinds", ("passkey", "kv", "multi"))

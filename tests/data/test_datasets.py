@@ -160,8 +160,8 @@ def test_dpo_items_share_the_prompt_and_differ_in_the_answer(byte_tok):
 
 
 def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
-    dataset = needle_dpo_dataset(byte_tok, num_samples=36, context_tokens=700, needle_kinds=["passkey", "kv", "multi"])
-    seen = set()
+    dataset = needle_dpo_dataset(byte_tok, num_samples=48, context_tokens=700, needle_kinds=["passkey", "kv", "multi"])
+    seen, digit_count_errors = set(), set()
     for i in range(len(dataset)):
         sample, rejected, origin = dataset.preference(i)
         seen.add(origin)
@@ -177,7 +177,11 @@ def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
                 for needle, _ in TRAIN.kv_templates
             ]
             assert re.search("|".join(needle_sentences), sample.context)
-        elif origin == "digit_count":  # one digit left out, or a run of 1-3 digits repeated
+        elif origin == "digit_count":  # one digit left out, a run of 1-3 digits repeated, or a runaway last digit
+            runaway = rejected.rstrip(sample.answer[-1]) == sample.answer.rstrip(sample.answer[-1]) and (
+                2 <= len(rejected) - len(sample.answer) <= 6
+            )
+            digit_count_errors.add("runaway" if runaway else "other")
             dropped = len(rejected) == len(sample.answer) - 1 and any(
                 sample.answer[:i] + sample.answer[i + 1 :] == rejected for i in range(len(sample.answer))
             )
@@ -186,12 +190,12 @@ def test_each_rejection_kind_is_wrong_and_of_its_origin(byte_tok):
                 for i in range(len(sample.answer))
                 for r in (1, 2, 3)
             )
-            assert (dropped or repeated) and rejected[0] != "0"
+            assert (dropped or repeated or runaway) and rejected[0] != "0"
             assert not re.search(rf"(?<!\d){rejected}(?!\d)", sample.prompt)
         else:
             assert origin == "haystack_value" and rejected in sample.decoys and rejected in sample.context
             assert rejected not in sample.distractors
-    assert seen == set(REJECTION_KINDS)
+    assert seen == set(REJECTION_KINDS) and digit_count_errors == {"runaway", "other"}
 
 
 def test_distractor_rejection_is_skipped_where_it_cannot_apply(byte_tok):

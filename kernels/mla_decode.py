@@ -235,11 +235,14 @@ def _mla_decode_stage1(
         tok = tile + offs_n
         tok_ok = tok < end
         if PAGED:
-            page = tl.load(block_table_ptr + seq * stride_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0)
-            slot = page.to(tl.int64) * PAGE_SIZE + tok % PAGE_SIZE
-            ckv_rows = slot * stride_ckv_t
-            kpe_rows = slot * stride_kpe_t
-            cs_rows = slot * stride_cs_t
+            page = tl.load(block_table_ptr + seq * stride_bt_b + tok // PAGE_SIZE, mask=tok_ok, other=0).to(tl.int64)
+            # page and in-page offset scaled separately: Triton's divisibility analysis takes page * PAGE_SIZE +
+            # tok % PAGE_SIZE for a multiple of PAGE_SIZE, so slot * stride would be assumed aligned (and the loads
+            # vectorised) for rows whose byte stride is not a multiple of 16, such as the packed fp8 layout
+            within = (tok % PAGE_SIZE).to(tl.int64)
+            ckv_rows = page * (PAGE_SIZE * stride_ckv_t) + within * stride_ckv_t
+            kpe_rows = page * (PAGE_SIZE * stride_kpe_t) + within * stride_kpe_t
+            cs_rows = page * (PAGE_SIZE * stride_cs_t) + within * stride_cs_t
         else:
             ckv_rows = seq.to(tl.int64) * stride_ckv_b + tok.to(tl.int64) * stride_ckv_t
             kpe_rows = seq.to(tl.int64) * stride_kpe_b + tok.to(tl.int64) * stride_kpe_t

@@ -42,6 +42,11 @@ HAYSTACKS = ("synthetic", "corpus", "repeat")
 REPEATED_SENTENCES = (2, 6)
 # A multi-needle sample holds this many key-value needles (one asked about, the rest distractors).
 MULTI_NEEDLE_COUNT = (3, 4)
+# A sampled depth of the asked-about needle falls within EDGE_DEPTH_SPAN of either end this often (half each end):
+# right after the instructions and right before the question are where long-context retrieval fails first
+# (docs/results/long_context.md: depth 0% from 32k), and uniform depths put only 3% of needles in each end's 3%.
+EDGE_DEPTH_SHARE = 0.3
+EDGE_DEPTH_SPAN = 0.03
 # One filler sentence in DECOY_EVERY carries a needle-shaped number (a plausible wrong answer).
 DECOY_EVERY = 6
 # Short words that close the last few tokens of the budget (shared by both splits; not content words).
@@ -235,6 +240,16 @@ def _draw_value(rng: random.Random, taken: set[str], digits: tuple[int, int]) ->
             return value
 
 
+def _sample_depth(rng: random.Random) -> float:
+    """A depth in [0, 1]: uniform, except that EDGE_DEPTH_SHARE of them lie within EDGE_DEPTH_SPAN of 0 or 1."""
+    edge = rng.random()
+    if edge < EDGE_DEPTH_SHARE / 2:
+        return rng.random() * EDGE_DEPTH_SPAN
+    if edge < EDGE_DEPTH_SHARE:
+        return 1.0 - rng.random() * EDGE_DEPTH_SPAN
+    return rng.random()
+
+
 def _draw_needles(rng: random.Random, vocab: SplitVocabulary, kind: str, depth: float | None, most_needles=False):
     taken: set[str] = set()
     if kind == "passkey":
@@ -252,7 +267,7 @@ def _draw_needles(rng: random.Random, vocab: SplitVocabulary, kind: str, depth: 
         values = [_draw_value(rng, taken, vocab.value_digits) for _ in names]
         needles = [template.format(name=name, value=value) for name, value in zip(names, values, strict=True)]
         question = question_template.format(name=names[0])
-    depths = [rng.random() if depth is None else float(depth)] + [rng.random() for _ in needles[1:]]
+    depths = [_sample_depth(rng) if depth is None else float(depth)] + [rng.random() for _ in needles[1:]]
     decoy_value = _draw_value(rng, taken, vocab.value_digits)
     decoy = (_decoy_sentence(rng, vocab, decoy_value), decoy_value)
     intros = (vocab.intro, *vocab.extra_intros)

@@ -1,5 +1,6 @@
 """Haystack generator: token-exact sizing for two tokenizers, depth, needles, determinism, split disjointness."""
 
+import random
 import re
 import time
 
@@ -7,6 +8,7 @@ import pytest
 from torchtune.data import Message
 
 from mla_components.data import NEEDLE_KINDS, make_needle_sample, needle_prompt_tokens
+from mla_components.data._haystack import EDGE_DEPTH_SHARE, EDGE_DEPTH_SPAN, _sample_depth
 from mla_components.data._word_lists import EVAL, TRAIN
 
 # Sizing is exact for byte-level and regex-pretokenised BPE; allow the documented "a few tokens below".
@@ -71,6 +73,19 @@ def test_needle_sits_at_the_requested_depth(byte_tok, depth):
 def test_sampled_depth_varies_and_is_reported(byte_tok):
     depths = {make_needle_sample(byte_tok, context_tokens=400, depth=None, seed=s).depth for s in range(8)}
     assert len(depths) == 8 and all(0 <= d <= 1 for d in depths)
+
+
+def test_sampled_depths_favour_both_ends():
+    """30% of sampled depths lie in the first or last 3% (15% each, plus the uniform draws that land there): the
+    needle right after the instructions or right before the question, where long-context retrieval fails first."""
+    rng = random.Random(0)
+    depths = [_sample_depth(rng) for _ in range(4000)]
+    head = sum(d <= EDGE_DEPTH_SPAN for d in depths) / len(depths)
+    tail = sum(d >= 1 - EDGE_DEPTH_SPAN for d in depths) / len(depths)
+    expected = EDGE_DEPTH_SHARE / 2 + (1 - EDGE_DEPTH_SHARE) * EDGE_DEPTH_SPAN  # 0.171
+    assert abs(head - expected) < 0.02 and abs(tail - expected) < 0.02, (head, tail)
+    middle = [d for d in depths if EDGE_DEPTH_SPAN < d < 1 - EDGE_DEPTH_SPAN]
+    assert abs(sum(middle) / len(middle) - 0.5) < 0.02  # uniform in between
 
 
 def test_passkey_needle_is_landmark_and_unique(byte_tok):

@@ -46,8 +46,13 @@ def fingerprint(path: str) -> str:
     """:func:`source_sha256` of the object at ``path``, or of a Torchtune recipe file (``torchtune-recipe:<name>``;
     the wheel's ``recipes`` package raises on import, so recipes are read as files)."""
     if path.startswith(TORCHTUNE_RECIPE):
-        import torchtune
-
-        recipe = Path(torchtune.__file__).parent.parent / "recipes" / path.removeprefix(TORCHTUNE_RECIPE)
-        return hashlib.sha256(recipe.read_bytes()).hexdigest()
+        return hashlib.sha256(torchtune_recipe_file(path.removeprefix(TORCHTUNE_RECIPE)).read_bytes()).hexdigest()
     return source_sha256(resolve(path))
+
+
+def torchtune_recipe_file(name: str) -> Path:
+    """The file of one of Torchtune's built-in recipes, e.g. ``generate.py`` (the wheel installs them as a top-level
+    ``recipes`` package, which raises on import and which a project's own ``recipes/`` directory can shadow)."""
+    import torchtune
+
+    return Path(torchtune.__file__).parent.parent / "recipes" / name

@@ -19,10 +19,12 @@ torchrun's workers are fresh interpreters, and the DPO recipe binds ``init_proce
 must be in place before the recipe module loads.
 
 Separately, :func:`kv_cache_without_host_check` lets a decode step through Torchtune's ``KVCache`` be captured in a
-CUDA graph (``mla_components.decoding``).
+CUDA graph (``mla_components.decoding``), and :func:`upstream_recipe` with :func:`next_token_hook` let a recipe
+reuse Torchtune's ``generate`` recipe with its decode steps replaced (``mla_recipes/generate.py``).
 """
 
 import ctypes
+import importlib.util
 import os
 import resource
 import signal
@@ -30,6 +32,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
 
 UPSTREAM = {"torchtune": "0.6.1"}
 RELIES_ON = {
@@ -41,6 +45,8 @@ RELIES_ON = {
     ),
     # binds init_process_group at import and calls it with "cuda:nccl,cpu:gloo"
     "torchtune-recipe:full_dpo_distributed.py": "9419fb45f8bbbe82243dc64bc628a3024ccd2caf787b2db869514a5e465ab651",
+    # calls generation.generate (a module global) with custom_generate_next_token=None unless quantized
+    "torchtune-recipe:generate.py": "a8ab2382be3665fa7d19706bb27ea4fbea1578a3ad5edeb1aa8aa465b8c7609a",
     # asserts the fill level on the host; replaced while a decode step is captured in a CUDA graph
     "torchtune.modules.kv_cache.KVCache.update": "6976bc01b5030601da22121c254f349529295a403fd9c9ef52a66c12111995f1",
 }
@@ -133,3 +139,38 @@ def kv_cache_without_host_check() -> Iterator[None]:
         yield
     finally:
         KVCache.update = upstream
+
+
+def upstream_recipe(name: str) -> ModuleType:
+    """Torchtune's built-in recipe ``recipes/<name>`` (e.g. ``generate.py``) loaded from its file as a module of its
+    own, ``torchtune_recipes.<stem>``, so that a recipe of this project can subclass its recipe class."""
+    from mla_components.compat import torchtune_recipe_file
+
+    module_name = f"torchtune_recipes.{Path(name).stem}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, torchtune_recipe_file(name))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextmanager
+def next_token_hook(recipe_module: ModuleType, make_step: Any) -> Iterator[None]:
+    """Within the block, every ``generation.generate(model=..., custom_generate_next_token=None, ...)`` call of
+    ``recipe_module`` (Torchtune's ``generate`` recipe calls it with None unless the model is quantized) decodes
+    through ``make_step(model)``, a function with ``generate_next_token``'s signature. The recipe module's global
+    ``generation`` is swapped for the block; Torchtune's ``generation`` module itself is left alone."""
+    upstream = recipe_module.generation
+
+    def generate(*args: Any, **kwargs: Any):
+        if kwargs.get("custom_generate_next_token") is None:
+            kwargs["custom_generate_next_token"] = make_step(kwargs["model"])
+        return upstream.generate(*args, **kwargs)
+
+    recipe_module.generation = SimpleNamespace(**{**vars(upstream), "generate": generate})
+    try:
+        yield
+    finally:
+        recipe_module.generation = upstream

@@ -113,6 +113,47 @@ def test_kv_cache_without_host_check_updates_like_torchtune_and_restores_it():
     assert KVCache.update is upstream
 
 
+def test_next_token_hook_decodes_torchtune_generate_recipe_through_the_given_step():
+    """Inside the hook, Torchtune's ``generate`` recipe's call to ``generation.generate`` (no custom step) decodes
+    through the step made for its model: every token after the prefill's, the same tokens as without the hook. A call
+    that brings its own step keeps it, and the recipe module's ``generation`` is back after the block."""
+    from torchtune import generation
+
+    from mla_components.compat.torchtune import next_token_hook, upstream_recipe
+
+    recipe = upstream_recipe("generate.py")
+    assert recipe.generation is generation and hasattr(recipe, "InferenceRecipe")
+    torch.manual_seed(0)
+    model = mla_tiny(max_seq_len=64).eval()
+    prompt = torch.randint(0, 256, (1, 12))
+    calls, made_for = [], []
+
+    def make_step(m):
+        made_for.append(m)
+
+        def step(*args, **kwargs):
+            calls.append(kwargs["x"].shape)  # [b, 1]: one token per decode step
+            return generation.generate_next_token(*args, **kwargs)
+
+        return step
+
+    def run(**kwargs):
+        with local_kv_cache(
+            model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=20
+        ):
+            return recipe.generation.generate(model=model, prompt=prompt, max_generated_tokens=6, top_k=1, **kwargs)[0]
+
+    expected = run(custom_generate_next_token=None)
+    with next_token_hook(recipe, make_step):
+        assert recipe.generation is not generation
+        hooked = run(custom_generate_next_token=None)
+        assert made_for == [model] and calls == [torch.Size([1, 1])] * 5
+        own = run(custom_generate_next_token=generation.generate_next_token)
+        assert len(made_for) == 1  # a call's own step is kept
+    assert recipe.generation is generation
+    assert torch.equal(hooked, expected) and torch.equal(own, expected)
+
+
 def test_cuda_graph_step_is_the_plain_forward_off_cuda():
     model = mla_tiny(max_seq_len=64).eval()
     assert not CudaGraphStep(model, enabled=True).enabled and not CudaGraphStep(model).enabled

@@ -196,10 +196,15 @@ def test_single_device_sft_config_trains_and_checkpoints(tmp_path):
 
 
 def test_generation_config_decodes_from_a_trained_checkpoint(sft_run):
-    """``configs/mla_tiny/generation.yaml`` with Torchtune's ``generate`` recipe: cached decode over the latent
-    cache from the last SFT epoch."""
+    """``configs/mla_tiny/generation.yaml`` with the project's ``generate`` recipe (Torchtune's, with decode steps
+    replayed from a CUDA graph on CUDA) and with Torchtune's own: cached decode over the latent cache from the last
+    SFT epoch, the same text from both."""
     last = epoch_dirs(sft_run / "sft", resumable=False)[-1][1]
-    proc = tune_run("generate", "mla_tiny/generation.yaml", f"checkpointer.checkpoint_dir={last}", "max_new_tokens=8")
-    output = proc.stdout + proc.stderr
-    assert "The pass key is 41592" in output  # the prompt, echoed with the generation
-    assert re.search(r"Time for inference: [0-9.]+ sec total, [0-9.]+ tokens/sec", output), output[-2000:]
+    texts = []
+    for recipe in ("mla_recipes/generate.py", "generate"):
+        proc = tune_run(recipe, "mla_tiny/generation.yaml", f"checkpointer.checkpoint_dir={last}", "max_new_tokens=8")
+        output = proc.stdout + proc.stderr
+        assert re.search(r"Time for inference: [0-9.]+ sec total, [0-9.]+ tokens/sec", output), output[-2000:]
+        start = output.index("The pass key is 41592")  # the prompt, echoed with the generation
+        texts.append(output[start : output.index("Time for inference", start)])
+    assert texts[0] == texts[1]

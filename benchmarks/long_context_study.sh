@@ -4,8 +4,9 @@
 # FSDP recipes (SFT, then DPO), next to its GQA control trained the same way; then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million GGUF RESULTS_DIR
-#   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run)
+#   benchmarks/long_context_study.sh prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million|delta GGUF RESULTS_DIR
+#   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run; delta = the MLA
+#   model after DPO as a <= 20 MB delta over the CPU conversion a user rebuilds, and its passkey beside the model's)
 #
 # A 135M model leaves an H200 mostly idle, so the trained pairs (sft, dpo) train side by side, and the evaluation
 # stages can run as separate processes at once (each writes its own directory; TAG suffixes it, so one stage can be
@@ -65,9 +66,9 @@ train_all() {
 }
 
 case $stage in
-  prepare | sft | dpo | heldout | anchors | landmark | chat | multi | million | evaluate) ;;
+  prepare | sft | dpo | heldout | anchors | landmark | chat | multi | million | delta | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million|delta|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
@@ -115,5 +116,24 @@ if runs million; then
   stamp "passkey at 1M tokens, standard Landmark prompt: chunked prefill into the cache, decode through the kernel"
   passkey "${MODEL_NAMES:-mla_dpo}" "$results/passkey_1m" prompt_format=landmark trials_per_cell="${TRIALS:-1}" \
     model_max_seq_len=1048700 "context_lengths=[1048576]" prefill_chunk=32768
+fi
+if runs delta; then
+  # The base is the conversion as a user reruns it: on a CPU, calibrated on the token windows of the study's own
+  # conversion (prepare), which ship beside the delta (the corpus comes with Python and differs between versions).
+  stamp "compact delta: the MLA model after DPO over the CPU rerun of the conversion"
+  cp "$work/mla_256/calibration_tokens.safetensors" "$results/mla_256_calibration_tokens.safetensors"
+  convert=(mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu
+    calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors)
+  if [ ! -f "$work/mla_256_cpu/model/config.json" ]; then
+    "${tune[@]}" "${convert[@]:0:4}" calibration.tokens_file="$work/mla_256/calibration_tokens.safetensors" \
+      origin.source="$gguf" output_dir="$work/mla_256_cpu" origin_output_dir=null > "$results/delta_base_conversion.txt" 2>&1
+  fi
+  python3 -m mla_components.checkpointing.delta extract --base "$work/mla_256_cpu/model" \
+    --tuned "$work/long_dpo_mla/epoch_0" --output "$results/mla_dpo_delta.safetensors" --max-mb "${DELTA_MB:-20}" \
+    --base-recipe "tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu" | tee "$results/delta_report.json"
+  python3 -m mla_components.checkpointing.delta apply --base "$work/mla_256_cpu/model" \
+    --delta "$results/mla_dpo_delta.safetensors" --output "$work/long_dpo_mla_delta"
+  passkey "${MODEL_NAMES:-mla_dpo,mla_dpo_delta}" "$results/passkey_delta" prompt_format=landmark \
+    trials_per_cell="${TRIALS:-2}" "context_lengths=[4096,16384,32768]"
 fi
 stamp "done: $stage"

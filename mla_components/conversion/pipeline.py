@@ -2,7 +2,14 @@
 
 Config fields (``configs/smollm2_135m/convert_mla_256.yaml`` documents each): ``origin.source``, ``kv_lora_rank``,
 ``qk_rope_head_dim``, ``latent_whitening``, ``norm_stabilizer_dims``, ``calibration.{sequences, seq_len, seed}``,
-``heldout.{sequences, seq_len}``, ``max_seq_len``, ``output_dir``, ``origin_output_dir``, ``device``.
+``calibration.tokens_file``, ``heldout.{sequences, seq_len}``, ``max_seq_len``, ``output_dir``,
+``origin_output_dir``, ``device``.
+
+The calibration text comes with Python (``mla_components.data.corpus_texts``), so it differs between Python
+versions, and so do the converted weights. Every run writes the token windows it calibrated on to
+``output_dir/calibration_tokens.safetensors``; ``calibration.tokens_file`` set to such a file reruns a conversion
+with exactly those tokens on any machine (what a delta over a conversion, ``mla_components.checkpointing.delta``,
+needs of its base).
 """
 
 from __future__ import annotations
@@ -12,12 +19,14 @@ import json
 import logging
 import math
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
@@ -43,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MODEL_SUBDIR = "model"  # output_dir/model is the converted HF DeepseekV3 directory
 REPORT_NAME = "conversion_report.json"
+CALIBRATION_TOKENS_NAME = "calibration_tokens.safetensors"  # the windows a run calibrated on (key "tokens")
 
 
 def token_windows(tokenizer: Any, split: str, count: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -54,6 +64,41 @@ def token_windows(tokenizer: Any, split: str, count: int, seq_len: int, seed: in
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(stream) - seq_len) for _ in range(count)]
     return torch.tensor([stream[s : s + seq_len] for s in starts], dtype=torch.long)
+
+
+def read_calibration_tokens(path: str | Path, vocab_size: int | None = None) -> torch.Tensor:
+    """The ``[sequences, seq_len]`` token ids of a calibration tokens file (``calibration.tokens_file``), checked: an
+    existing file, one 2-D integer tensor ``tokens``, ids below ``vocab_size``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"calibration.tokens_file {path} does not exist (a conversion writes {CALIBRATION_TOKENS_NAME} into its "
+            "output_dir; null calibrates on the offline corpus)"
+        )
+    try:
+        tokens = load_file(path).get("tokens")
+    except Exception as e:  # safetensors raises several types for a file that is not one
+        raise ValueError(f"calibration.tokens_file {path} is not a safetensors file: {e}") from e
+    if tokens is None or tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64) or tokens.numel() == 0:
+        raise ValueError(
+            f"calibration.tokens_file {path} must hold one non-empty 2-D integer tensor 'tokens' [sequences, seq_len]"
+        )
+    if vocab_size is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(
+            f"calibration.tokens_file {path} has token ids outside [0, {vocab_size}): written for another tokenizer"
+        )
+    return tokens.to(torch.long)
+
+
+def write_calibration_tokens(path: str | Path, tokens: torch.Tensor, source: str) -> Path:
+    """Save calibration windows (int32) with where they came from and the Python version that made them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"source": source, "python": sys.version.split()[0]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"tokens": tokens.to(torch.int32).contiguous()}, tmp, metadata=metadata)
+    tmp.replace(path)  # the whole file or the previous one
+    return path
 
 
 @torch.no_grad()
@@ -140,6 +185,9 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     source = cfg.origin.source  # a `???` (required) source raises MissingMandatoryValue naming origin.source
     check_conversion_args(OriginShape.from_hf_config(origin_attention_shape(source)), kv_lora_rank, rope_dim)
+    tokens_file = cfg.calibration.get("tokens_file")
+    if tokens_file:
+        calibration_tokens = read_calibration_tokens(tokens_file)  # before the origin loads
     origin = load_origin(source)
     device = torch.device(cfg.get("device", "cpu"))
     torch.manual_seed(cfg.calibration.get("seed", 0))
@@ -148,9 +196,15 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
     tokenizer_dir = _write_tokenizer(origin, Path(stack.enter_context(tempfile.TemporaryDirectory())))
     tokenizer = hf_tokenizer(str(tokenizer_dir))
     teacher = origin_model(origin).to(device)
-    calibration_tokens = token_windows(
-        tokenizer, "train", cfg.calibration.sequences, cfg.calibration.seq_len, cfg.calibration.get("seed", 0)
-    )
+    if tokens_file:
+        calibration_tokens = read_calibration_tokens(tokens_file, origin.config["vocab_size"])
+        calibration_source = f"file {tokens_file}"
+    else:
+        calibration_tokens = token_windows(
+            tokenizer, "train", cfg.calibration.sequences, cfg.calibration.seq_len, cfg.calibration.get("seed", 0)
+        )
+        calibration_source = "offline corpus, train split"
+    write_calibration_tokens(output_dir / CALIBRATION_TOKENS_NAME, calibration_tokens, calibration_source)
     calibration = calibrate(teacher, calibration_tokens, seed=cfg.calibration.get("seed", 0))
     result = convert_llama_to_mla(
         origin.config,
@@ -175,6 +229,7 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
         **result.summary(),
         "origin_cache_values_per_token_and_layer": 2 * origin.config["num_key_value_heads"] * origin.config["head_dim"],
         "calibration_tokens": int(calibration_tokens.numel()),
+        "calibration_source": calibration_source,
         "heldout": compare_on_heldout(student.to(device), teacher, heldout),
         "seconds": round(time.perf_counter() - started, 1),
         "layers": [vars(r) for r in result.layers],

@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 
 import mla_components.conversion.origin as origin_module
 import mla_components.conversion.pipeline as pipeline
 from mla_components.checkpointing import read_config
+from mla_components.checkpointing._hf_format import read_safetensors
 from mla_components.cli import configs_root, project_configs, tune_run_argv
 from mla_components.models import SMOLLM2_135M_CONFIG
 from tests.conversion.test_origin_errors import write_gguf
@@ -44,6 +47,8 @@ def test_tune_run_writes_a_deepseek_v3_directory_and_report(converted_512_run, s
     assert report["origin_cache_values_per_token_and_layer"] == 384
     assert report["exact_rope_frequencies"] is True  # 64 of 64: every origin frequency kept
     assert report["calibration_tokens"] == 4 * 256 and report["origin"] == str(smollm2_dir)
+    assert report["calibration_source"] == "offline corpus, train split"
+    assert pipeline.read_calibration_tokens(output / "calibration_tokens.safetensors", 49152).shape == (4, 256)
     assert len(report["layers"]) == 30
     heldout = report["heldout"]
     assert heldout["tokens"] == 2 * 255
@@ -52,6 +57,63 @@ def test_tune_run_writes_a_deepseek_v3_directory_and_report(converted_512_run, s
     assert math.isfinite(heldout["kl_origin_to_converted"]) and heldout["kl_origin_to_converted"] > 0, heldout
     assert 0 < report["mean_rope_key_energy"] <= 1 and 0 < report["mean_latent_energy"] <= 1
     assert "ConvertToMLARecipe" in proc.stdout + proc.stderr  # Torchtune's config.log_config ran: the recipe did
+
+
+@pytest.mark.slow  # a second small conversion: about a minute on 2 cores
+def test_a_tokens_file_reruns_a_conversion_on_its_tokens_without_the_corpus(
+    converted_512_run, smollm2_dir, tmp_path, monkeypatch
+):
+    """A run given the windows another run calibrated on (``calibration.tokens_file``) never reads the corpus's
+    train split (it comes with Python, so it differs between Python versions) and writes the same weights: the
+    base a delta (``mla_components.checkpointing.delta``) is made over can be rebuilt on any machine."""
+    output, _, _ = converted_512_run
+    tokens_file = output / "calibration_tokens.safetensors"
+    upstream = pipeline.token_windows
+
+    def heldout_only(tokenizer, split, *args, **kwargs):
+        assert split != "train", "the train corpus was read although calibration.tokens_file was given"
+        return upstream(tokenizer, split, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "token_windows", heldout_only)
+    cfg = conversion_config(smollm2_dir, tmp_path / "again", origin_output_dir=None)
+    cfg.calibration.tokens_file = str(tokens_file)
+    cfg.heldout.sequences, cfg.heldout.seq_len = 2, 256
+    report = pipeline.run_conversion(cfg)
+    assert report["calibration_source"] == f"file {tokens_file}" and report["calibration_tokens"] == 4 * 256
+    first, again = read_safetensors(output / "model"), read_safetensors(tmp_path / "again" / "model")
+    assert set(first) == set(again)
+    for name in first:
+        torch.testing.assert_close(again[name], first[name], rtol=1e-5, atol=1e-6, msg=name)
+    rewritten = pipeline.read_calibration_tokens(tmp_path / "again" / "calibration_tokens.safetensors")
+    assert torch.equal(rewritten, pipeline.read_calibration_tokens(tokens_file))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, r"calibration\.tokens_file .*missing\.safetensors does not exist"),
+        (b"not a safetensors file", r"calibration\.tokens_file .* is not a safetensors file"),
+        ({"tokens": torch.arange(10)}, r"one non-empty 2-D integer tensor 'tokens'"),
+        ({"ids": torch.zeros(2, 8, dtype=torch.int32)}, r"one non-empty 2-D integer tensor 'tokens'"),
+    ],
+)
+def test_a_bad_tokens_file_is_refused_before_any_weight(origin_config_dir, tmp_path, no_weights, content, message):
+    path = tmp_path / ("missing.safetensors" if content is None else "tokens.safetensors")
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        save_file(content, path)
+    cfg = conversion_config(origin_config_dir, tmp_path / "out")
+    cfg.calibration.tokens_file = str(path)
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        pipeline.run_conversion(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokens_of_another_tokenizer_are_refused(tmp_path):
+    path = pipeline.write_calibration_tokens(tmp_path / "t.safetensors", torch.full((2, 8), 60000), "test")
+    with pytest.raises(ValueError, match=r"token ids outside \[0, 49152\): written for another tokenizer"):
+        pipeline.read_calibration_tokens(path, 49152)
 
 
 def test_mla_tune_resolves_the_convert_recipe_and_configs():

@@ -140,7 +140,8 @@ def extract_delta(
     for name in sorted(base):
         if base[name].shape != tuned[name].shape:
             raise ValueError(f"{name}: base {tuple(base[name].shape)} vs tuned {tuple(tuned[name].shape)}")
-        change = tuned[name].to(torch.float32) - base[name].to(torch.float32)
+        # against the base rounded as the tuned weights are (bf16): the rounding is no change to store
+        change = tuned[name].to(torch.float32) - base[name].to(tuned[name].dtype).to(torch.float32)
         energy = float(change.double().pow(2).sum())
         total_energy += energy
         if energy == 0.0:
@@ -196,11 +197,17 @@ def extract_delta(
     return tensors, report
 
 
-def apply_delta(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``base`` + the stored change, in float32 (the caller casts)."""
+def apply_delta(
+    base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """``base`` rounded to ``dtype`` (the tuned model's: the change was taken against that rounding) + the stored
+    change, in float32 (the caller casts)."""
+    unknown = {key.rsplit(".delta", 1)[0] for key in tensors} - set(base)
+    if unknown:
+        raise ValueError(f"the delta changes tensors the base does not have: {sorted(unknown)[:3]}")
     tuned = {}
     for name, weight in base.items():
-        weight = weight.to(torch.float32)
+        weight = weight.to(dtype).to(torch.float32)
         if f"{name}.delta" in tensors:
             weight = weight + tensors[f"{name}.delta"].to(torch.float32)
         elif f"{name}.delta_b" in tensors:
@@ -208,9 +215,6 @@ def apply_delta(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor])
             a = _dequantize(tensors[f"{name}.delta_a"], tensors.get(f"{name}.delta_a_scale"), 1)
             weight = weight + b @ a
         tuned[name] = weight
-    unknown = {key.rsplit(".delta", 1)[0] for key in tensors} - set(base)
-    if unknown:
-        raise ValueError(f"the delta changes tensors the base does not have: {sorted(unknown)[:3]}")
     return tuned
 
 
@@ -270,7 +274,7 @@ def rebuild(base_dir: Path, delta_path: Path, output_dir: Path) -> Path:
     check_base(base, metadata["base_fingerprint"])
     config = metadata["config"]
     dtype = DTYPES[config.get("torch_dtype", "float32")]
-    tuned = {name: weight.to(dtype).contiguous() for name, weight in apply_delta(base, tensors).items()}
+    tuned = {name: weight.to(dtype).contiguous() for name, weight in apply_delta(base, tensors, dtype).items()}
     return write_hf_directory(Path(output_dir), tuned, config, side_files_from=Path(base_dir))
 
 

@@ -61,6 +61,22 @@ def test_a_low_rank_change_within_budget_is_rebuilt_to_the_precision_of_its_fact
         assert report["tensor_bytes"] <= 4 * 2**20
 
 
+def test_rounding_to_the_tuned_dtype_is_no_change(base_dir):
+    """A bf16 checkpoint of an fp32 base that training never touched differs from it only by rounding: an empty
+    delta, and applying it gives the bf16 weights exactly. A bf16 fine-tune's change is taken the same way."""
+    base = read_safetensors(base_dir)
+    rounded = {k: v.to(torch.bfloat16) for k, v in base.items()}
+    tensors, report = extract_delta(base, rounded, 2**20)
+    assert tensors == {} and report["changed_tensors"] == 0 and report["kept_energy"] == 1.0
+    rebuilt = apply_delta(base, tensors, torch.bfloat16)
+    assert all(torch.equal(rebuilt[k].to(torch.bfloat16), rounded[k]) for k in base)
+    tuned = {k: v.to(torch.bfloat16) for k, v in low_rank_change(base, 2, 0.01).items()}
+    tensors, report = extract_delta(base, tuned, 2**20)
+    rebuilt = apply_delta(base, tensors, torch.bfloat16)
+    change = {k: tuned[k].float() - rounded[k].float() for k in base}
+    assert relative_error({k: rebuilt[k] - rounded[k].float() for k in base}, change) < 2e-2
+
+
 def test_the_budget_goes_to_the_ranks_that_remove_most_error_per_byte(base_dir):
     """A budget too small for the whole change: it is spent (nearly) to the byte, never exceeded, and the matrix
     whose change is ten times larger gets more of its ranks than an equally shaped one."""

@@ -21,6 +21,7 @@ from mla_components.export import export_checkpoint, load_exported_checkpoint
 from mla_components.models import mla_from_checkpoint
 from tests.serving.conftest import (
     SERVING,
+    VLLM_CPU_ARGS,
     VLLM_ENV,
     free_port,
     http_json,
@@ -163,7 +164,7 @@ def vllm_server(fp32_export, tmp_path_factory, vllm_greedy):
     command = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(fp32_export),
         "--served-model-name", SERVED_NAME, "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "2048", "--max-num-seqs", "4", "--enforce-eager", "--seed", "0",
+        "--max-model-len", "2048", "--max-num-seqs", "4", "--enforce-eager", "--seed", "0", *VLLM_CPU_ARGS,
     ]  # fmt: skip
     with open(log, "w") as out:
         process = subprocess.Popen(

@@ -18,6 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.serving.conftest import VLLM_CPU_ARGS
+
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 VLLM_READY = REPO / ".venv-vllm" / ".installed"
@@ -64,6 +66,7 @@ def serve_vllm(
         "4",
         "--dtype",
         "float32",
+        *VLLM_CPU_ARGS,
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     base_url = f"http://127.0.0.1:{port}/v1"

@@ -26,6 +26,10 @@ SERVING = Path(__file__).parent
 POD = "vllm-local-0"  # the pod label the static scrape target carries (the HPA asks per pod)
 # vLLM on a 2-core CPU: a small KV cache, no graph compilation (the k8s config keeps it on for GPUs).
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+# vLLM 0.32's CPU build serves MLA with its AMX kernels wherever the CPU has AMX tiles, and those take bf16/int8
+# weights only ("expect weight to be bfloat16, float16, int8, ..."); its reference CPU_MLA backend serves any dtype
+# (fp32 for exact parity) on any x86 CPU. Also in tests/serving/vllm_offline.py, which vLLM's python runs.
+VLLM_CPU_ARGS = ("--attention-backend", "CPU_MLA")
 # Random N(0, 0.02) weights (what the init CLI writes) give near-uniform logits: argmax margins of ~1e-3 and
 # one token repeated. N(0, 0.2) gives varied continuations with margins far above fp32 rounding (checked per test).
 SHARP_STD = 0.2
@@ -147,7 +151,7 @@ def vllm_server(fp32_export, serving_dir, manifests):
     command = [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(fp32_export), "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--max-num-seqs", "16",
-        "--enforce-eager",
+        "--enforce-eager", *VLLM_CPU_ARGS,
     ]  # fmt: skip
     with open(log, "w") as out:
         process = subprocess.Popen(

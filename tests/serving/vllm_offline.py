@@ -25,6 +25,7 @@ def generate(run: dict, prompts: list[list[int]], max_tokens: int) -> dict:
         max_model_len=1024,
         max_num_seqs=len(prompts),
         enforce_eager=True,  # no graph compilation: seconds instead of minutes on a small CPU
+        attention_backend="CPU_MLA",  # not AMX_MLA, which takes bf16 weights only (tests/serving/conftest.py)
         seed=0,
     )
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)

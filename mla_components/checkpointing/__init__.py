@@ -3,6 +3,7 @@
 from mla_components.checkpointing._checkpointer import AtomicHFCheckpointer, epoch_dirs, latest_resumable_epoch
 from mla_components.checkpointing._hf_format import (
     atomic_directory,
+    atomic_file,
     load_hf_checkpoint,
     read_config,
     read_safetensors,
@@ -13,6 +14,7 @@ from mla_components.checkpointing._hf_format import (
 __all__ = [
     "AtomicHFCheckpointer",
     "atomic_directory",
+    "atomic_file",
     "epoch_dirs",
     "latest_resumable_epoch",
     "load_hf_checkpoint",

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +36,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mla_components.checkpointing._hf_format import DTYPES, read_config, read_safetensors, write_hf_directory
+from mla_components.checkpointing._hf_format import (
+    DTYPES,
+    atomic_file,
+    read_config,
+    read_safetensors,
+    write_hf_directory,
+)
 
 FORMAT = "mla_components.delta/1"
 MIN_LOW_RANK = 32  # matrices with a side shorter than this are stored whole (a rank would cost nearly as much)
@@ -106,6 +110,43 @@ def _dequantize(values: torch.Tensor, scale: torch.Tensor | None, dim: int) -> t
     return values.to(torch.float32) * scale.view((1, -1) if dim == 0 else (-1, 1))
 
 
+@dataclass(frozen=True)
+class Change:
+    """``tuned - base`` decomposed once (:func:`decompose_change`), to be stored under any budget
+    (:func:`compress_change`): the vectors and small matrices as they are, the other matrices as SVDs."""
+
+    whole: dict[str, torch.Tensor]  # name -> fp32 change, stored as is
+    matrices: list[_Matrix]
+    total_energy: float  # sum of ||dW||^2 over every tensor
+
+
+def decompose_change(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> Change:
+    """Check that ``base`` and ``tuned`` (HF state dicts) have the same tensors and shapes, and decompose the change.
+    The change is taken against the base rounded as the tuned weights are (bf16): the rounding is no change."""
+    if set(base) != set(tuned):
+        raise ValueError(
+            f"base and tuned checkpoints have different tensors: only in base {sorted(set(base) - set(tuned))[:3]}, "
+            f"only in tuned {sorted(set(tuned) - set(base))[:3]}"
+        )
+    whole: dict[str, torch.Tensor] = {}
+    matrices: list[_Matrix] = []
+    total_energy = 0.0
+    for name in sorted(base):
+        if base[name].shape != tuned[name].shape:
+            raise ValueError(f"{name}: base {tuple(base[name].shape)} vs tuned {tuple(tuned[name].shape)}")
+        change = tuned[name].to(torch.float32) - base[name].to(tuned[name].dtype).to(torch.float32)
+        energy = float(change.double().pow(2).sum())
+        total_energy += energy
+        if energy == 0.0:
+            continue
+        if change.ndim == 2 and min(change.shape) >= MIN_LOW_RANK:
+            u, s, vh = torch.linalg.svd(change, full_matrices=False)
+            matrices.append(_Matrix(name, u, s, vh, energy))
+        else:
+            whole[name] = change.contiguous()
+    return Change(whole, matrices, total_energy)
+
+
 def extract_delta(
     base: dict[str, torch.Tensor],
     tuned: dict[str, torch.Tensor],
@@ -113,10 +154,16 @@ def extract_delta(
     *,
     bits: int = 8,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``tuned - base`` within ``max_bytes`` of tensors -> ``(tensors, report)``.
+    """``tuned - base`` within ``max_bytes`` of tensors -> ``(tensors, report)``: :func:`decompose_change`, then
+    :func:`compress_change`. ``base``, ``tuned``: HF state dicts with the same keys and shapes."""
+    return compress_change(decompose_change(base, tuned), max_bytes, bits=bits)
+
+
+def compress_change(change: Change, max_bytes: int, *, bits: int = 8) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The stored form of a decomposed change within ``max_bytes`` of tensors.
 
     Args:
-        base, tuned: HF state dicts with the same keys and shapes.
+        change: from :func:`decompose_change`.
         max_bytes: budget for the stored tensors (the file adds its header and metadata).
         bits: 8 (int8 factors with per-rank scales) or 16 (bf16 factors).
 
@@ -127,53 +174,30 @@ def extract_delta(
     """
     if bits not in _FACTOR_BYTES:
         raise ValueError(f"bits must be 8 or 16, got {bits}")
-    if set(base) != set(tuned):
-        raise ValueError(
-            f"base and tuned checkpoints have different tensors: only in base {sorted(set(base) - set(tuned))[:3]}, "
-            f"only in tuned {sorted(set(tuned) - set(base))[:3]}"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    report: dict[str, Any] = {"tensors": {}}
-    matrices: list[_Matrix] = []
-    spent = 0
-    total_energy = kept = 0.0
-    for name in sorted(base):
-        if base[name].shape != tuned[name].shape:
-            raise ValueError(f"{name}: base {tuple(base[name].shape)} vs tuned {tuple(tuned[name].shape)}")
-        # against the base rounded as the tuned weights are (bf16): the rounding is no change to store
-        change = tuned[name].to(torch.float32) - base[name].to(tuned[name].dtype).to(torch.float32)
-        energy = float(change.double().pow(2).sum())
-        total_energy += energy
-        if energy == 0.0:
-            continue
-        if change.ndim == 2 and min(change.shape) >= MIN_LOW_RANK:
-            u, s, vh = torch.linalg.svd(change, full_matrices=False)
-            matrices.append(_Matrix(name, u, s, vh, energy))
-        else:
-            tensors[f"{name}.delta"] = change.contiguous()
-            spent += change.numel() * 4
-            kept += energy
-            report["tensors"][name] = {"rank": "full", "error": 0.0}
+    tensors = {f"{name}.delta": whole for name, whole in change.whole.items()}
+    report: dict[str, Any] = {"tensors": {name: {"rank": "full", "error": 0.0} for name in change.whole}}
+    spent = sum(t.numel() * 4 for t in change.whole.values())
+    kept = sum(float(t.double().pow(2).sum()) for t in change.whole.values())
     if spent > max_bytes:
         raise ValueError(f"the vectors and small matrices alone take {spent:,} bytes, over max_bytes {max_bytes:,}")
 
     # every rank of every matrix is a candidate: gain sigma^2, cost (m + n) factor values + 2 scales
     value_bytes = _FACTOR_BYTES[bits]
     candidates = []
-    for index, matrix in enumerate(matrices):
+    for index, matrix in enumerate(change.matrices):
         m, n = matrix.u.shape[0], matrix.vh.shape[1]
         cost = (m + n) * value_bytes + (8 if bits == 8 else 0)
         # directions below NEGLIGIBLE_SIGMA of the largest are float noise (a change of lower rank): never worth bytes
         gains = matrix.s[matrix.s > matrix.s[0] * NEGLIGIBLE_SIGMA].double().pow(2)
         candidates += [(float(g) / cost, index, cost) for g in gains]
-    ranks = [0] * len(matrices)
+    ranks = [0] * len(change.matrices)
     for _, index, cost in sorted(candidates, key=lambda c: -c[0]):  # within a matrix, sigma decreases
         if spent + cost > max_bytes:
             break
         ranks[index] += 1
         spent += cost
 
-    for matrix, rank in zip(matrices, ranks, strict=True):
+    for matrix, rank in zip(change.matrices, ranks, strict=True):
         if rank == 0:
             report["tensors"][matrix.name] = {"rank": 0, "error": 1.0}
             continue
@@ -184,14 +208,13 @@ def extract_delta(
         if b_scale is not None:
             tensors[f"{matrix.name}.delta_b_scale"], tensors[f"{matrix.name}.delta_a_scale"] = b_scale, a_scale
         stored = _dequantize(b, b_scale, 0) @ _dequantize(a, a_scale, 1)
-        change = matrix.u * matrix.s @ matrix.vh
-        error = float((change - stored).double().pow(2).sum())
+        error = float((matrix.u * matrix.s @ matrix.vh - stored).double().pow(2).sum())
         kept += matrix.total - error
         report["tensors"][matrix.name] = {"rank": rank, "error": (error / matrix.total) ** 0.5}
     report.update(
         bits=bits,
         tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-        kept_energy=kept / total_energy if total_energy else 1.0,
+        kept_energy=kept / change.total_energy if change.total_energy else 1.0,
         changed_tensors=len(report["tensors"]),
     )
     return tensors, report
@@ -237,18 +260,9 @@ def save_delta(
         "base_recipe": base_recipe,
         "report": json.dumps(report, sort_keys=True),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(Path(path)) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)
-        tmp.replace(path)  # a reader sees the old file or the whole new one
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def load_delta(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -307,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         # first guess at the header (names, offsets) and metadata; corrected from the size of the file written
         overhead = len(json.dumps(fingerprint)) + len(json.dumps(config)) + len(args.base_recipe) + 1024 * len(base)
         budget = cap - overhead
+        change = decompose_change(base, tuned)
         for _ in range(3):
-            tensors, report = extract_delta(base, tuned, budget, bits=args.bits)
+            tensors, report = compress_change(change, budget, bits=args.bits)
             save_delta(args.output, tensors, fingerprint, config, args.base_recipe, report)
             size = args.output.stat().st_size
             if size <= cap:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torchtune.modules import TransformerDecoder
 
-from mla_components.checkpointing import write_hf_checkpoint
+from mla_components.checkpointing import atomic_file, write_hf_checkpoint
 from mla_components.conversion.gqa_to_mla import (
     ConversionResult,
     LayerCalibration,
@@ -83,22 +83,25 @@ def read_calibration_tokens(path: str | Path, vocab_size: int | None = None) -> 
         raise ValueError(
             f"calibration.tokens_file {path} must hold one non-empty 2-D integer tensor 'tokens' [sequences, seq_len]"
         )
-    if vocab_size is not None and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+    tokens = tokens.to(torch.long)
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, path)
+    return tokens
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, path: str | Path) -> None:
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise ValueError(
             f"calibration.tokens_file {path} has token ids outside [0, {vocab_size}): written for another tokenizer"
         )
-    return tokens.to(torch.long)
 
 
 def write_calibration_tokens(path: str | Path, tokens: torch.Tensor, source: str) -> Path:
     """Save calibration windows (int32) with where they came from and the Python version that made them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"source": source, "python": sys.version.split()[0]}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"tokens": tokens.to(torch.int32).contiguous()}, tmp, metadata=metadata)
-    tmp.replace(path)  # the whole file or the previous one
-    return path
+    with atomic_file(Path(path)) as tmp:
+        save_file({"tokens": tokens.to(torch.int32).contiguous()}, tmp, metadata=metadata)
+    return Path(path)
 
 
 @torch.no_grad()
@@ -197,7 +200,7 @@ def _run_conversion(cfg: Any, stack: contextlib.ExitStack) -> dict[str, Any]:
     tokenizer = hf_tokenizer(str(tokenizer_dir))
     teacher = origin_model(origin).to(device)
     if tokens_file:
-        calibration_tokens = read_calibration_tokens(tokens_file, origin.config["vocab_size"])
+        check_token_ids(calibration_tokens, origin.config["vocab_size"], tokens_file)
         calibration_source = f"file {tokens_file}"
     else:
         calibration_tokens = token_windows(

@@ -138,6 +138,17 @@ def rope_frequency_map(head_dim: int, rope_dim: int) -> tuple[list[int], bool]:
     return picked, all(float(a * ratio).is_integer() for a in range(rope_dim // 2))
 
 
+def _canonical_signs(vectors: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Eigen/singular vectors (along ``dim``: columns for ``dim=0``) with each one's largest entry positive.
+
+    LAPACK builds may return any vector negated; fixing the sign makes a conversion rerun on another machine give
+    the same weights (a compact delta checks its base against them), and the negation is function-preserving.
+    """
+    index = vectors.abs().argmax(dim, keepdim=True)
+    signs = torch.gather(vectors, dim, index).sign()
+    return vectors * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def _sym_power(matrix: torch.Tensor, power: float, floor: float) -> torch.Tensor:
     """``matrix^power`` for a symmetric PSD matrix, eigenvalues clamped below at ``floor * max eigenvalue``."""
     values, vectors = torch.linalg.eigh(matrix)
@@ -163,6 +174,7 @@ def _key_mix(w_k: torch.Tensor, s: torch.Tensor, shape: OriginShape, rope_dim: i
         members = torch.tensor(idx, dtype=torch.long)  # [n_kv, 2]
         head_cov = sum(cov[members[:, m]][:, members[:, m]] for m in range(2))  # [n_kv, n_kv]
         values, vectors = torch.linalg.eigh(head_cov)
+        vectors = _canonical_signs(vectors)
         order = torch.argsort(values, descending=True)
         vectors = vectors[:, order]  # columns: principal directions across heads
         directions = range(n_kv)
@@ -195,6 +207,7 @@ def norm_stabilizer(content: torch.Tensor, inputs: torch.Tensor, dims: int, step
     x = inputs.to(torch.float64)
     energy = content.to(torch.float64).pow(2).sum(-1)
     _, _, directions = torch.linalg.svd(x, full_matrices=False)
+    directions = _canonical_signs(directions, dim=1)
     basis = directions[: max(1, min(x.shape[1], x.shape[0] // 8))]  # [k, d]
     x = x @ basis.T
     scale = energy.mean().sqrt() / x.pow(2).sum(-1).mean().sqrt()
@@ -266,6 +279,7 @@ def convert_layer(
         root = _sym_power(weight, 0.5, 1e-8)
         root_inv = _sym_power(weight, -0.5, 1e-8)
         values, vectors = torch.linalg.eigh(root @ cov_z @ root)
+        vectors = _canonical_signs(vectors)
         order = torch.argsort(values, descending=True)
         top = vectors[:, order[:content_rank]]
         encode, decode = top.T @ root, root_inv @ top  # c = encode z, z ~ decode c

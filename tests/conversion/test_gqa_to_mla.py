@@ -190,3 +190,28 @@ def test_the_converted_model_is_the_shipped_builder():
     for rank in (256, 512):
         assert mla_config_for(SMOLLM2_135M_CONFIG, rank, 64) == SMOLLM2_135M_MLA.replace(kv_lora_rank=rank)
     assert math.isclose(SMOLLM2_135M_MLA.replace(kv_lora_rank=256).kv_cache_width * 30 * 2, 19_200)
+
+
+def test_the_weights_do_not_depend_on_the_signs_lapack_returns(transformers, monkeypatch):
+    """A rerun on another machine must rebuild the same base (a compact delta checks its base): LAPACK builds may
+    return any eigen/singular vector negated, so the conversion fixes each vector's sign itself."""
+    origin = tiny_llama(transformers)
+    kwargs = dict(kv_lora_rank=20, qk_rope_head_dim=8, stabilizer_dims=4)  # PCA latent, RoRoPE mix, stabilisers
+    layers = calibration(origin)
+    reference = convert_llama_to_mla(origin.config.to_dict(), origin.state_dict(), layers, **kwargs).hf_state_dict
+    eigh, svd = torch.linalg.eigh, torch.linalg.svd
+
+    def negated_eigh(matrix):
+        values, vectors = eigh(matrix)
+        return values, -vectors
+
+    def negated_svd(matrix, full_matrices=True):
+        u, s, vh = svd(matrix, full_matrices=full_matrices)
+        return u, s, -vh
+
+    monkeypatch.setattr(torch.linalg, "eigh", negated_eigh)
+    monkeypatch.setattr(torch.linalg, "svd", negated_svd)
+    flipped = convert_llama_to_mla(origin.config.to_dict(), origin.state_dict(), layers, **kwargs).hf_state_dict
+    assert flipped.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(flipped[name], tensor, rtol=1e-9, atol=1e-9, msg=name)

@@ -23,10 +23,14 @@ paged ``[num_blocks, page_size, d]`` with an int32 ``block_table [B, max_blocks]
 an optional boolean ``key_mask`` additionally selects keys (Torchtune's generation masks, left padding).
 
 FP8 cache (FlashMLA's 656-byte rows for 512 + 64): ``c_kv`` in float8_e4m3fn with ``c_kv_scale`` (fp32, one per
-``FP8_GROUP_SIZE`` latent values of a token) and ``k_pe`` in bf16. Only the fp8 bytes cross the memory bus: the
-latent tiles are loaded as ``[groups, tokens, FP8_GROUP_SIZE]``, widened to the query dtype (exact: every e4m3
-value is a 16-bit float), and each group's scale is applied once per (token, group) — to the group's partial
-score before the groups are summed, and to the probabilities of the group's P·V product — never per value.
+``FP8_GROUP_SIZE`` latent values of a token) and ``k_pe`` in bf16. Only the fp8 bytes cross the memory bus. Each
+scale group (at most ``MAX_FP8_GROUPS``) is its own ``[BLOCK_N, FP8_GROUP_SIZE]`` tile with its own 2D dots and
+output accumulator, widened to a 16-bit MMA dtype (exact: every e4m3 value is a 16-bit float); its scale is
+applied once per (token, group) — to the group's partial score before the groups are summed, and to the
+probabilities of the group's P·V product — never per value. ``DecodeConfig.fp8_mma`` picks the MMA dtype for
+16-bit queries: ``bf16`` (the queries' own dtype) or ``fp16`` (e4m3 widens to fp16 in one instruction per pair;
+the latent queries are scaled by a power of two into fp16's range, exactly, and the probabilities carry 3 more
+bits than bf16's). fp32 queries always use fp32 dots.
 """
 
 from dataclasses import dataclass
@@ -39,6 +43,7 @@ from mla_kernels.fp8 import FP8_GROUP_SIZE
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MMA_MIN_ROWS = 16  # tl.dot needs M, N, K >= 16
+MAX_FP8_GROUPS = 4  # FlashMLA's 512 latent values = 4 scale groups; one accumulator per group
 MAX_SPLITS = 512
 
 
@@ -52,6 +57,8 @@ class DecodeConfig:
         num_warps, num_stages: Triton launch/pipelining parameters.
         ctas_per_sm: stage-1 programs aimed for per SM when choosing the split count.
         min_split_tokens: no split is shorter than this (per sequence), so short sequences use fewer splits.
+        fp8_mma: MMA dtype over an fp8 cache with 16-bit queries: ``"bf16"`` (the queries' dtype) or ``"fp16"``
+            (see the module doc).
     """
 
     block_h: int = 16
@@ -60,6 +67,7 @@ class DecodeConfig:
     num_stages: int = 2
     ctas_per_sm: int = 2
     min_split_tokens: int = 256
+    fp8_mma: str = "bf16"
 
 
 def default_config(num_heads: int, rows: int, num_sms: int, max_len: int) -> DecodeConfig:
@@ -131,6 +139,35 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _fp8_group_scores(
+    kv_rows,
+    sc_rows,
+    tok_ok,
+    q,
+    g: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Scale group ``g`` of one tile: its e4m3 values widened to the query's MMA dtype ``[BLOCK_N, GROUP]``, its
+    scales ``[BLOCK_N]`` and its scaled partial scores ``[BLOCK_H, BLOCK_N]``."""
+    kv = tl.load(kv_rows + g * GROUP, mask=tok_ok[:, None], other=0.0).to(q.dtype)
+    sc = tl.load(sc_rows + g, mask=tok_ok, other=0.0)
+    part = _dot(q, tl.trans(kv), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), IEEE)
+    return kv, sc, part * sc[None, :]
+
+
+@triton.jit
+def _store_out(ptrs, out, mask, DIRECT: tl.constexpr):
+    # one split writes the final output in its dtype; several write fp32 partials for stage 2
+    if DIRECT:
+        tl.store(ptrs, out.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptrs, out, mask=mask)
+
+
+@triton.jit
 def _mla_decode_stage1(
     q_lat_ptr,
     q_pe_ptr,
@@ -178,9 +215,10 @@ def _mla_decode_stage1(
     DIRECT: tl.constexpr,  # one split: write the normalised output in its dtype and the natural-log lse
     IEEE: tl.constexpr,
     NUM_STAGES: tl.constexpr,
-    FP8: tl.constexpr,  # c_kv is e4m3 with per-group scales; dequantised per tile after the load
+    FP8: tl.constexpr,  # c_kv is e4m3 with per-group scales, one tile, dot and accumulator per group
     GROUP: tl.constexpr,
-    NUM_GROUPS: tl.constexpr,  # BLOCK_C // GROUP (groups past D_C are masked)
+    NUM_GROUPS: tl.constexpr,  # D_C // GROUP, at most MAX_FP8_GROUPS
+    FP8_F16: tl.constexpr,  # 16-bit queries: fp8 MMAs in fp16 (latent queries scaled by a power of two)
 ):
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -211,18 +249,41 @@ def _mla_decode_stage1(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles must not produce NaN
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     if FP8:
-        # [groups, heads, GROUP] tiles: one scale per (token, group) multiplies a whole group's dot product, so the
-        # e4m3 values enter the MMAs as they are (exact in 16 bits) and no tile is reshaped or rescaled per value
-        offs_g = tl.arange(0, NUM_GROUPS)
+        # one [BLOCK_H, GROUP] query slice and accumulator per scale group: one scale per (token, group) multiplies
+        # a whole group's dot product, so the e4m3 values enter the MMAs as they are and no tile is reshaped
         offs_k = tl.arange(0, GROUP)
-        g_ok = offs_g < D_C // GROUP
-        lat3 = offs_g[:, None, None] * GROUP + offs_k[None, None, :]
-        q_lat = tl.load(
-            q_lat_ptr + row * stride_ql_r + offs_h[None, :, None] * stride_ql_h + lat3,
-            mask=g_ok[:, None, None] & head_ok[None, :, None],
-            other=0.0,
-        )
-        acc = tl.zeros([NUM_GROUPS, BLOCK_H, GROUP], dtype=tl.float32)
+        q_rows = q_lat_ptr + row * stride_ql_r + offs_h[:, None] * stride_ql_h + offs_k[None, :]
+        q0 = tl.load(q_rows, mask=head_ok[:, None], other=0.0)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if NUM_GROUPS > 1:
+            q1 = tl.load(q_rows + GROUP, mask=head_ok[:, None], other=0.0)
+        if NUM_GROUPS > 2:
+            q2 = tl.load(q_rows + 2 * GROUP, mask=head_ok[:, None], other=0.0)
+        if NUM_GROUPS > 3:
+            q3 = tl.load(q_rows + 3 * GROUP, mask=head_ok[:, None], other=0.0)
+        q_unit = 1.0  # scores are computed in units of q_unit
+        pv_norm = 1.0
+        if FP8_F16:
+            # a power of two that brings the largest query value to 2^8: exact, and far inside fp16's range
+            q_max = tl.max(tl.max(tl.abs(q0.to(tl.float32)), axis=1), axis=0)
+            if NUM_GROUPS > 1:
+                q_max = tl.maximum(q_max, tl.max(tl.max(tl.abs(q1.to(tl.float32)), axis=1), axis=0))
+            if NUM_GROUPS > 2:
+                q_max = tl.maximum(q_max, tl.max(tl.max(tl.abs(q2.to(tl.float32)), axis=1), axis=0))
+            if NUM_GROUPS > 3:
+                q_max = tl.maximum(q_max, tl.max(tl.max(tl.abs(q3.to(tl.float32)), axis=1), axis=0))
+            q_unit = tl.exp2(tl.ceil(tl.log2(tl.maximum(q_max, 1.0e-30))) - 8.0)
+            q0 = (q0.to(tl.float32) / q_unit).to(tl.float16)
+            q1 = (q1.to(tl.float32) / q_unit).to(tl.float16)
+            q2 = (q2.to(tl.float32) / q_unit).to(tl.float16)
+            q3 = (q3.to(tl.float32) / q_unit).to(tl.float16)
+            pv_norm = 512.0  # p * scale * 512 = p * amax * 512 / 448: fp16's normal range for RMS-normed latents
+        acc0 = tl.zeros([BLOCK_H, GROUP], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_H, GROUP], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_H, GROUP], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_H, GROUP], dtype=tl.float32)
     else:
         q_lat = tl.load(
             q_lat_ptr + row * stride_ql_r + offs_h[:, None] * stride_ql_h + offs_c[None, :],
@@ -250,17 +311,20 @@ def _mla_decode_stage1(
         kr = tl.load(kpe_ptr + kpe_rows[:, None] + offs_r[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
         kr = kr.to(q_pe.dtype)  # the rope key stays 16-bit in the fp8 layout
         if FP8:
-            kv = tl.load(
-                ckv_ptr + ckv_rows[None, :, None] + lat3,
-                mask=g_ok[:, None, None] & tok_ok[None, :, None],
-                other=0.0,
-            ).to(q_lat.dtype)  # [groups, BLOCK_N, GROUP]
-            sc = tl.load(
-                ckv_scale_ptr + cs_rows[None, :] + offs_g[:, None], mask=g_ok[:, None] & tok_ok[None, :], other=0.0
-            )
-            part = tl.zeros([NUM_GROUPS, BLOCK_H, BLOCK_N], dtype=tl.float32)
-            part = _dot(q_lat, tl.trans(kv, 0, 2, 1), part, IEEE)
-            scores = tl.sum(part * sc[:, None, :], axis=0)
+            kv_rows = ckv_ptr + ckv_rows[:, None] + offs_k[None, :]
+            sc_rows = ckv_scale_ptr + cs_rows
+            kv0, sc0, scores = _fp8_group_scores(kv_rows, sc_rows, tok_ok, q0, 0, GROUP, BLOCK_H, BLOCK_N, IEEE)
+            kv1, sc1, kv2, sc2, kv3, sc3 = kv0, sc0, kv0, sc0, kv0, sc0
+            if NUM_GROUPS > 1:
+                kv1, sc1, part = _fp8_group_scores(kv_rows, sc_rows, tok_ok, q1, 1, GROUP, BLOCK_H, BLOCK_N, IEEE)
+                scores += part
+            if NUM_GROUPS > 2:
+                kv2, sc2, part = _fp8_group_scores(kv_rows, sc_rows, tok_ok, q2, 2, GROUP, BLOCK_H, BLOCK_N, IEEE)
+                scores += part
+            if NUM_GROUPS > 3:
+                kv3, sc3, part = _fp8_group_scores(kv_rows, sc_rows, tok_ok, q3, 3, GROUP, BLOCK_H, BLOCK_N, IEEE)
+                scores += part
+            scores = scores * q_unit
         else:
             kv = tl.load(ckv_ptr + ckv_rows[:, None] + offs_c[None, :], mask=tok_ok[:, None] & c_ok[None, :], other=0.0)
             scores = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
@@ -282,8 +346,13 @@ def _mla_decode_stage1(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if FP8:  # each group's values weighted by p times that group's scale
-            acc = acc * alpha[None, :, None]
-            acc = _dot((p[None, :, :] * sc[:, None, :]).to(kv.dtype), kv, acc, IEEE)
+            acc0 = _dot((p * (sc0 * pv_norm)[None, :]).to(kv0.dtype), kv0, acc0 * alpha[:, None], IEEE)
+            if NUM_GROUPS > 1:
+                acc1 = _dot((p * (sc1 * pv_norm)[None, :]).to(kv1.dtype), kv1, acc1 * alpha[:, None], IEEE)
+            if NUM_GROUPS > 2:
+                acc2 = _dot((p * (sc2 * pv_norm)[None, :]).to(kv2.dtype), kv2, acc2 * alpha[:, None], IEEE)
+            if NUM_GROUPS > 3:
+                acc3 = _dot((p * (sc3 * pv_norm)[None, :]).to(kv3.dtype), kv3, acc3 * alpha[:, None], IEEE)
         else:
             acc = acc * alpha[:, None]
             acc = _dot(p.to(kv.dtype), kv, acc, IEEE)
@@ -292,19 +361,23 @@ def _mla_decode_stage1(
     nonempty = l_i > 0.0
     lse2 = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     o_base = out_ptr + row * stride_o_r + pid_s * stride_o_s
+    norm = tl.where(nonempty, l_i, 1.0)
     if FP8:
-        out = acc / tl.where(nonempty, l_i, 1.0)[None, :, None]
-        o_ptrs = o_base + offs_h[None, :, None] * stride_o_h + lat3
-        store_mask = g_ok[:, None, None] & head_ok[None, :, None]
+        o_ptrs = o_base + offs_h[:, None] * stride_o_h + offs_k[None, :]
+        norm = norm * pv_norm
+        _store_out(o_ptrs, acc0 / norm[:, None], head_ok[:, None], DIRECT)
+        if NUM_GROUPS > 1:
+            _store_out(o_ptrs + GROUP, acc1 / norm[:, None], head_ok[:, None], DIRECT)
+        if NUM_GROUPS > 2:
+            _store_out(o_ptrs + 2 * GROUP, acc2 / norm[:, None], head_ok[:, None], DIRECT)
+        if NUM_GROUPS > 3:
+            _store_out(o_ptrs + 3 * GROUP, acc3 / norm[:, None], head_ok[:, None], DIRECT)
     else:
-        out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
         o_ptrs = o_base + offs_h[:, None] * stride_o_h + offs_c[None, :]
-        store_mask = head_ok[:, None] & c_ok[None, :]
+        _store_out(o_ptrs, acc / norm[:, None], head_ok[:, None] & c_ok[None, :], DIRECT)
     if DIRECT:
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
         tl.store(lse_ptr + row * stride_l_r + offs_h * stride_l_h, lse2 * 0.6931471805599453, mask=head_ok)
     else:
-        tl.store(o_ptrs, out, mask=store_mask)
         tl.store(lse_ptr + row * stride_l_r + offs_h * stride_l_h + pid_s, lse2, mask=head_ok)
 
 
@@ -393,6 +466,11 @@ def _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c
                 f"{c_kv_scale.dtype}"
             )
         groups = c_kv.shape[2] // FP8_GROUP_SIZE
+        if groups > MAX_FP8_GROUPS:
+            raise ValueError(
+                f"an fp8 c_kv holds at most {MAX_FP8_GROUPS * FP8_GROUP_SIZE} latent values ({MAX_FP8_GROUPS} scale "
+                f"groups, FlashMLA's 512), got {c_kv.shape[2]}: use a bf16 cache for wider latents"
+            )
         if c_kv.shape[2] % FP8_GROUP_SIZE or c_kv_scale.shape != (*c_kv.shape[:2], groups):
             raise ValueError(
                 f"c_kv_scale must be [{c_kv.shape[0]}, {c_kv.shape[1]}, d_c / {FP8_GROUP_SIZE}] for c_kv "
@@ -483,6 +561,8 @@ def mla_decode(
     cfg = config or default_config(num_heads, rows, num_sms(q_latent.device), max_len)
     if cfg.block_h < MMA_MIN_ROWS or cfg.block_n < MMA_MIN_ROWS:
         raise ValueError(f"config.block_h and config.block_n must be >= {MMA_MIN_ROWS} (tl.dot minimum)")
+    if cfg.fp8_mma not in ("bf16", "fp16"):
+        raise ValueError(f"config.fp8_mma must be 'bf16' or 'fp16', got {cfg.fp8_mma!r}")
     batch = block_table.shape[0] if paged else c_kv.shape[0]
     queries_per_seq = rows // batch
     block_h = max(MMA_MIN_ROWS, min(cfg.block_h, triton.next_power_of_2(num_heads)))
@@ -561,7 +641,8 @@ def mla_decode(
         NUM_STAGES=cfg.num_stages,
         FP8=c_kv_scale is not None,
         GROUP=FP8_GROUP_SIZE,
-        NUM_GROUPS=max(1, latent_block // FP8_GROUP_SIZE),
+        NUM_GROUPS=d_c // FP8_GROUP_SIZE,
+        FP8_F16=c_kv_scale is not None and cfg.fp8_mma == "fp16" and q_latent.dtype != torch.float32,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

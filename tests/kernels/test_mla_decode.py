@@ -4,6 +4,7 @@ Every run allocates through a poisoned ``torch.empty`` (NaN floats, -1 ints), so
 the kernels fail to write show up as NaN or wrong values.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -14,7 +15,14 @@ from tests._requirements import require_module
 require_module("triton", 'pip install -e ".[triton]"')
 
 from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8  # noqa: E402
-from mla_kernels.mla_decode import DecodeConfig, choose_num_splits, decode_bytes, mla_decode  # noqa: E402
+from mla_kernels.mla_decode import (  # noqa: E402
+    DecodeConfig,
+    choose_num_splits,
+    decode_bytes,
+    default_config,
+    mla_decode,
+    num_sms,
+)
 from mla_kernels.reference import mla_decode_reference  # noqa: E402
 
 # Small tiles so that short sequences still cover several tiles and splits.
@@ -244,8 +252,8 @@ def test_fp8_cache_in_656_byte_rows_matches_the_reference(poisoned, device, head
     check(got, want, atol=2e-5)
 
 
-def test_fp8_latent_of_three_groups_pads_to_four(poisoned, device):
-    """d_c = 384: the tile is 512 wide, so the fourth scale group is masked off."""
+def test_fp8_latent_of_three_groups(poisoned, device):
+    """d_c = 384: three scale groups, three accumulators (the fourth is never touched)."""
     lens = torch.tensor([70, 9], dtype=torch.int32, device=device)
     q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 384, 32, 2, 70, device, seed=12)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
@@ -289,6 +297,30 @@ def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, devi
     assert rel < 2.0**-4, rel
 
 
+@pytest.mark.parametrize("magnitude", [0.05, 3.0e4], ids=["small_queries", "large_queries"])
+def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude):
+    """``fp8_mma="fp16"``: 16-bit latent queries enter fp16 MMAs scaled by a power of two (so queries whose dot
+    products would pass fp16's 65504 stay finite) and p * scale * 512 is rounded to fp16 (2^-11 relative, finer
+    than bf16's 2^-8). Against the fp64 attention over the same fp8 values, so only those roundings remain.
+    bf16 queries on CUDA; fp16 under the interpreter (its bf16 ``tl.dot`` is wrong, see below)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
+    lens = torch.tensor([150, 33], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, 512, 64, 2, 150, device, seed=13)
+    if dtype == torch.float16:
+        magnitude = min(magnitude, 1.0e4)  # fp16 inputs themselves stop at 65504; bf16 ones on CUDA go past it
+    q_latent = (q_latent * magnitude).to(dtype)
+    q_pe = q_pe.to(dtype)
+    scale = 0.1 / magnitude
+    c8, c_scale, k_pe16 = fp8_rows(c_kv, k_pe)
+    config = DecodeConfig(block_n=16, min_split_tokens=16, fp8_mma="fp16")
+    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale, num_splits=2, config=config)
+    ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    rel = (out.double().cpu() - ref_out.cpu()).norm() / ref_out.cpu().norm()
+    assert rel < 2.0**-7, rel  # the output's own rounding (bf16: 2^-9) plus fp16 probabilities, with margin
+    torch.testing.assert_close(lse.double().cpu(), ref_lse.cpu(), atol=2e-3, rtol=1e-3)
+
+
 def test_fp8_bad_inputs_raise_before_launch(device):
     q_latent, q_pe, c_kv, k_pe = make_inputs(2, 4, 128, 16, 2, 16, device)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
@@ -299,6 +331,12 @@ def test_fp8_bad_inputs_raise_before_launch(device):
         mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, c_kv_scale=scale)
     with pytest.raises(ValueError, match="c_kv_scale must be"):
         mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, c_kv_scale=scale[:, :8])
+    with pytest.raises(ValueError, match="fp8_mma must be"):
+        mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, c_kv_scale=scale, config=DecodeConfig(fp8_mma="e4m3"))
+    wide = make_inputs(2, 4, 640, 16, 2, 16, device)
+    wide8, wide_scale, wide_pe = fp8_rows(wide[2], wide[3])
+    with pytest.raises(ValueError, match="at most 512 latent values"):
+        mla_decode(wide[0], wide[1], wide8, wide_pe, lens, 0.3, c_kv_scale=wide_scale)
 
 
 def test_fp8_decode_bytes_are_flashmla_rows():
@@ -309,13 +347,15 @@ def test_fp8_decode_bytes_are_flashmla_rows():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("heads", [16, 128])
-def test_fp8_real_shapes_on_gpu(heads):
+@pytest.mark.parametrize("fp8_mma", ["bf16", "fp16"])
+def test_fp8_real_shapes_on_gpu(heads, fp8_mma):
     """DeepSeek-V3 widths in FlashMLA's 656-byte rows, bf16 queries, ragged lengths up to 9k, auto splits."""
     device = torch.device("cuda")
     lens = torch.tensor([9001, 1, 4096, 777], dtype=torch.int32, device=device)
     q_latent, q_pe, c_kv, k_pe = make_inputs(4, heads, 512, 64, 4, 9024, device, dtype=torch.bfloat16, seed=7)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
-    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale)
+    config = dataclasses.replace(default_config(heads, 4, num_sms(device), 9024), fp8_mma=fp8_mma)
+    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale, config=config)
     ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)

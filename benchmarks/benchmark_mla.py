@@ -244,7 +244,7 @@ def fp8_ops(p: dict, f: dict, sweep: bool = False) -> dict:
     config of ``FP8_SWEEP_CONFIGS`` as ``fp8_sweep_<i>``."""
     b, _, h, _ = p["q_latent"].shape
     q_lat, q_pe = p["q_latent"].view(b, h, D_C), p["q_pe"].reshape(b, h, D_R)
-    base = default_config(h, b, num_sms(q_lat.device), p["c_kv"].shape[1])
+    base = default_config(h, b, num_sms(q_lat.device), p["c_kv"].shape[1], fp8=True)
     configs = {
         "fp8": None,
         "fp8_mma_bf16": replace(base, fp8_mma="bf16"),
@@ -279,6 +279,7 @@ def run_fp8(args, timer: Timer, copy_gbps: float) -> list[dict]:
             reference_bf16 = candidates["bf16"]().float()
             row = dict(heads=heads, batch=batch, length=length, graphed=batch * length <= args.graph_max_tokens)
             row["triton_config"] = asdict(default_config(heads, batch, num_sms(torch.device("cuda")), length))
+            row["fp8_config"] = asdict(default_config(heads, batch, num_sms(torch.device("cuda")), length, fp8=True))
             row["fp8_sweep_configs"] = [asdict(c) for c in FP8_SWEEP_CONFIGS] if args.fp8_sweep else []
             for name, op in candidates.items():
                 if name != "bf16":

@@ -33,6 +33,7 @@ the latent queries are scaled by a power of two into fp16's range, exactly, and 
 bits than bf16's). fp32 queries always use fp32 dots.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class DecodeConfig:
         ctas_per_sm: stage-1 programs aimed for per SM when choosing the split count.
         min_split_tokens: no split is shorter than this (per sequence), so short sequences use fewer splits.
         fp8_mma: MMA dtype over an fp8 cache with 16-bit queries: ``"bf16"`` (the queries' dtype) or ``"fp16"``
-            (see the module doc).
+            (see the module doc; measured faster on an H200, docs/results/kernels.md).
     """
 
     block_h: int = 16
@@ -67,22 +68,24 @@ class DecodeConfig:
     num_stages: int = 2
     ctas_per_sm: int = 2
     min_split_tokens: int = 256
-    fp8_mma: str = "bf16"
+    fp8_mma: str = "fp16"
 
 
-def default_config(num_heads: int, rows: int, num_sms: int, max_len: int) -> DecodeConfig:
+@functools.lru_cache(maxsize=1024)  # called once per decode step and layer: the host time is the cost
+def default_config(num_heads: int, rows: int, num_sms: int, max_len: int, fp8: bool = False) -> DecodeConfig:
     """Launch parameters from two H100 sweeps (``docs/results/kernels.md``).
 
     32-token tiles with three pipeline stages win or come within ~2% of the best almost everywhere with one head
     block (H <= 16); a few rows want two programs per SM, short caches want short splits (more programs).
     More heads: 16-head blocks over 64-token tiles once rows x head blocks fill the SMs, else 64-head blocks
-    (each KV tile read once for 64 heads).
+    (each KV tile read once for 64 heads). Over an ``fp8`` cache (one H200 sweep) a single row also wants two
+    programs per SM: the fp8 kernel is latency-bound, not bandwidth-bound.
     """
     short = rows * max_len <= 16384
     if num_heads <= MMA_MIN_ROWS or short:
         if short:
             return DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2, min_split_tokens=64)
-        if 4 <= rows < 16:
+        if 4 <= rows < 16 or (fp8 and rows < 16):
             return DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=2)
         return DecodeConfig(block_h=16, block_n=32, num_warps=4, num_stages=3, ctas_per_sm=1)
     if rows * triton.cdiv(num_heads, MMA_MIN_ROWS) >= num_sms:
@@ -90,6 +93,7 @@ def default_config(num_heads: int, rows: int, num_sms: int, max_len: int) -> Dec
     return DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=1)
 
 
+@functools.lru_cache(maxsize=1024)
 def choose_num_splits(
     rows: int, head_blocks: int, max_len: int, num_sms: int, config: DecodeConfig, max_splits: int = MAX_SPLITS
 ) -> int:
@@ -558,7 +562,7 @@ def mla_decode(
     paged = block_table is not None
     page_size = c_kv.shape[1] if paged else 1
     max_len = block_table.shape[1] * page_size if paged else c_kv.shape[1]
-    cfg = config or default_config(num_heads, rows, num_sms(q_latent.device), max_len)
+    cfg = config or default_config(num_heads, rows, num_sms(q_latent.device), max_len, fp8=c_kv_scale is not None)
     if cfg.block_h < MMA_MIN_ROWS or cfg.block_n < MMA_MIN_ROWS:
         raise ValueError(f"config.block_h and config.block_n must be >= {MMA_MIN_ROWS} (tl.dot minimum)")
     if cfg.fp8_mma not in ("bf16", "fp16"):

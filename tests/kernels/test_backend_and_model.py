@@ -77,11 +77,16 @@ def test_mla_tiny_greedy_generation_same_tokens_with_torch_and_triton(device, mo
     tri_model.load_state_dict(ref_model.state_dict())
     want, want_logits = greedy_generate(ref_model, prompts, max_new_tokens=6, pad_id=0)
     assert calls == [], "the torch backend must not call the kernel"
-    got, got_logits = greedy_generate(tri_model, prompts, max_new_tokens=6, pad_id=0)
+    # eager decode steps, so that each one calls the kernel from Python (a CUDA graph replays without calling it)
+    got, got_logits = greedy_generate(tri_model, prompts, max_new_tokens=6, pad_id=0, cuda_graph=False)
     layers = len(tri_model.layers)
     assert len(calls) == 5 * layers, "every decode step of every layer goes through the kernel (prefill does not)"
     assert torch.equal(got, want)
     torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    if device.type == "cuda":  # the default on CUDA: the same steps replayed from a graph
+        graphed, graphed_logits = greedy_generate(tri_model, prompts, max_new_tokens=6, pad_id=0)
+        assert torch.equal(graphed, want)
+        torch.testing.assert_close(graphed_logits, want_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_triton_backend_trains_with_the_triton_norm_and_rope_and_the_same_numerics(device):

@@ -354,7 +354,7 @@ def test_fp8_real_shapes_on_gpu(heads, fp8_mma):
     lens = torch.tensor([9001, 1, 4096, 777], dtype=torch.int32, device=device)
     q_latent, q_pe, c_kv, k_pe = make_inputs(4, heads, 512, 64, 4, 9024, device, dtype=torch.bfloat16, seed=7)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
-    config = dataclasses.replace(default_config(heads, 4, num_sms(device), 9024), fp8_mma=fp8_mma)
+    config = dataclasses.replace(default_config(heads, 4, num_sms(device), 9024, fp8=True), fp8_mma=fp8_mma)
     out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale, config=config)
     ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale)
     assert torch.isfinite(out).all()

@@ -28,9 +28,11 @@ scale group (at most ``MAX_FP8_GROUPS``) is its own ``[BLOCK_N, FP8_GROUP_SIZE]`
 output accumulator, widened to a 16-bit MMA dtype (exact: every e4m3 value is a 16-bit float); its scale is
 applied once per (token, group) — to the group's partial score before the groups are summed, and to the
 probabilities of the group's P·V product — never per value. ``DecodeConfig.fp8_mma`` picks the MMA dtype for
-16-bit queries: ``bf16`` (the queries' own dtype) or ``fp16`` (e4m3 widens to fp16 in one instruction per pair;
+bf16 queries: ``bf16`` (the queries' own dtype) or ``fp16`` (e4m3 widens to fp16 in one instruction per pair;
 the latent queries are scaled by a power of two into fp16's range, exactly, and the probabilities carry 3 more
-bits than bf16's). fp32 queries always use fp32 dots.
+bits than bf16's); fp16 queries always take the fp16 path, fp32 queries fp32 dots. The fp16 path holds
+``p * scale * 512`` in fp16, so it needs every scale group's largest magnitude below 57,344 (scale < 128); the
+RMS-normed latents of these models are O(1-10). Use ``fp8_mma="bf16"`` for latents beyond that.
 """
 
 import functools
@@ -58,8 +60,8 @@ class DecodeConfig:
         num_warps, num_stages: Triton launch/pipelining parameters.
         ctas_per_sm: stage-1 programs aimed for per SM when choosing the split count.
         min_split_tokens: no split is shorter than this (per sequence), so short sequences use fewer splits.
-        fp8_mma: MMA dtype over an fp8 cache with 16-bit queries: ``"bf16"`` (the queries' dtype) or ``"fp16"``
-            (see the module doc; measured faster on an H200, docs/results/kernels.md).
+        fp8_mma: MMA dtype over an fp8 cache with bf16 queries: ``"bf16"`` or ``"fp16"`` (see the module doc;
+            fp16 took 12-16% less time on an H200, docs/results/kernels.md).
     """
 
     block_h: int = 16
@@ -78,8 +80,8 @@ def default_config(num_heads: int, rows: int, num_sms: int, max_len: int, fp8: b
     32-token tiles with three pipeline stages win or come within ~2% of the best almost everywhere with one head
     block (H <= 16); a few rows want two programs per SM, short caches want short splits (more programs).
     More heads: 16-head blocks over 64-token tiles once rows x head blocks fill the SMs, else 64-head blocks
-    (each KV tile read once for 64 heads). Over an ``fp8`` cache (one H200 sweep) a single row also wants two
-    programs per SM: the fp8 kernel is latency-bound, not bandwidth-bound.
+    (each KV tile read once for 64 heads). Over an ``fp8`` cache fewer than 4 rows also get two programs per SM
+    (H200 sweep at one row: 107 vs 161 µs at 128k): the fp8 kernel is latency-bound, not bandwidth-bound.
     """
     short = rows * max_len <= 16384
     if num_heads <= MMA_MIN_ROWS or short:
@@ -270,7 +272,8 @@ def _mla_decode_stage1(
         q_unit = 1.0  # scores are computed in units of q_unit
         pv_norm = 1.0
         if FP8_F16:
-            # a power of two that brings the largest query value to 2^8: exact, and far inside fp16's range
+            # a power of two (from the exponent bits, so exactly one) that brings the largest query value into
+            # [2^7, 2^8): the scaling is exact and far inside fp16's range
             q_max = tl.max(tl.max(tl.abs(q0.to(tl.float32)), axis=1), axis=0)
             if NUM_GROUPS > 1:
                 q_max = tl.maximum(q_max, tl.max(tl.max(tl.abs(q1.to(tl.float32)), axis=1), axis=0))
@@ -278,7 +281,8 @@ def _mla_decode_stage1(
                 q_max = tl.maximum(q_max, tl.max(tl.max(tl.abs(q2.to(tl.float32)), axis=1), axis=0))
             if NUM_GROUPS > 3:
                 q_max = tl.maximum(q_max, tl.max(tl.max(tl.abs(q3.to(tl.float32)), axis=1), axis=0))
-            q_unit = tl.exp2(tl.ceil(tl.log2(tl.maximum(q_max, 1.0e-30))) - 8.0)
+            q_exp = tl.maximum(q_max, 1.0e-30).to(tl.int32, bitcast=True) & 0x7F800000
+            q_unit = q_exp.to(tl.float32, bitcast=True) * 0.0078125  # 2^floor(log2 q_max) / 2^7
             q0 = (q0.to(tl.float32) / q_unit).to(tl.float16)
             q1 = (q1.to(tl.float32) / q_unit).to(tl.float16)
             q2 = (q2.to(tl.float32) / q_unit).to(tl.float16)
@@ -646,7 +650,8 @@ def mla_decode(
         FP8=c_kv_scale is not None,
         GROUP=FP8_GROUP_SIZE,
         NUM_GROUPS=d_c // FP8_GROUP_SIZE,
-        FP8_F16=c_kv_scale is not None and cfg.fp8_mma == "fp16" and q_latent.dtype != torch.float32,
+        FP8_F16=c_kv_scale is not None
+        and (q_latent.dtype == torch.float16 or (cfg.fp8_mma == "fp16" and q_latent.dtype == torch.bfloat16)),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -141,8 +141,10 @@ def rope_frequency_map(head_dim: int, rope_dim: int) -> tuple[list[int], bool]:
 def _canonical_signs(vectors: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Eigen/singular vectors (along ``dim``: columns for ``dim=0``) with each one's largest entry positive.
 
-    LAPACK builds may return any vector negated; fixing the sign makes a conversion rerun on another machine give
-    the same weights (a compact delta checks its base against them), and the negation is function-preserving.
+    LAPACK builds may return any vector negated; fixing the sign lets a conversion rerun on another machine give
+    the same weights up to rounding (a compact delta checks its base against them, within a tolerance), and the
+    negation is function-preserving. It cannot pin a basis inside a (near-)degenerate eigenspace; the delta's
+    base fingerprint refuses such a rebuild by name.
     """
     index = vectors.abs().argmax(dim, keepdim=True)
     signs = torch.gather(vectors, dim, index).sign()

@@ -194,20 +194,24 @@ def test_the_converted_model_is_the_shipped_builder():
 
 def test_the_weights_do_not_depend_on_the_signs_lapack_returns(transformers, monkeypatch):
     """A rerun on another machine must rebuild the same base (a compact delta checks its base): LAPACK builds may
-    return any eigen/singular vector negated, so the conversion fixes each vector's sign itself."""
+    return any eigen/singular vector negated, so the conversion fixes each vector's sign itself. Here every other
+    pair of vectors comes back negated."""
     origin = tiny_llama(transformers)
     kwargs = dict(kv_lora_rank=20, qk_rope_head_dim=8, stabilizer_dims=4)  # PCA latent, RoRoPE mix, stabilisers
     layers = calibration(origin)
     reference = convert_llama_to_mla(origin.config.to_dict(), origin.state_dict(), layers, **kwargs).hf_state_dict
     eigh, svd = torch.linalg.eigh, torch.linalg.svd
 
+    def signs(n: int) -> torch.Tensor:  # some vectors negated, others not
+        return torch.tensor([(-1.0) ** (i // 2) for i in range(n)], dtype=torch.float64)
+
     def negated_eigh(matrix):
         values, vectors = eigh(matrix)
-        return values, -vectors
+        return values, vectors * signs(vectors.shape[1]).to(vectors.dtype)  # eigenvectors are the columns
 
     def negated_svd(matrix, full_matrices=True):
         u, s, vh = svd(matrix, full_matrices=full_matrices)
-        return u, s, -vh
+        return u, s, vh * signs(vh.shape[0]).to(vh.dtype)[:, None]  # right singular vectors are the rows
 
     monkeypatch.setattr(torch.linalg, "eigh", negated_eigh)
     monkeypatch.setattr(torch.linalg, "svd", negated_svd)

@@ -158,6 +158,9 @@ def test_split_heuristic_fills_the_gpu_and_respects_lengths():
     assert choose_num_splits(512, 1, 4096, 132, cfg) == 1
     # short sequences: never below min_split_tokens per split
     assert choose_num_splits(1, 1, 1000, 132, cfg) == 4
+    # the fp8 kernel is latency-bound: one row gets two programs per SM (H200 sweep), bf16 one
+    assert default_config(16, 1, 132, 131072, fp8=True).ctas_per_sm == 2
+    assert default_config(16, 1, 132, 131072).ctas_per_sm == 1
     # H=128 in 8 head blocks needs fewer splits per sequence
     assert choose_num_splits(1, 8, 131072, 132, cfg) == 33
 
@@ -297,15 +300,18 @@ def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, devi
     assert rel < 2.0**-4, rel
 
 
-@pytest.mark.parametrize("magnitude", [0.05, 3.0e4], ids=["small_queries", "large_queries"])
-def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude):
-    """``fp8_mma="fp16"``: 16-bit latent queries enter fp16 MMAs scaled by a power of two (so queries whose dot
-    products would pass fp16's 65504 stay finite) and p * scale * 512 is rounded to fp16 (2^-11 relative, finer
-    than bf16's 2^-8). Against the fp64 attention over the same fp8 values, so only those roundings remain.
-    bf16 queries on CUDA; fp16 under the interpreter (its bf16 ``tl.dot`` is wrong, see below)."""
+@pytest.mark.parametrize("magnitude", [1.0e-6, 0.05, 3.0e4], ids=["tiny_queries", "small_queries", "large_queries"])
+@pytest.mark.parametrize("splits", [1, 2], ids=["one_split", "two_splits"])
+@pytest.mark.parametrize("d_c", [512, 384])
+def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude, splits, d_c):
+    """``fp8_mma="fp16"``: 16-bit latent queries enter fp16 MMAs scaled by a power of two into [2^7, 2^8) (so bf16
+    queries past fp16's 65504, or below its normal range, lose nothing) and p * scale * 512 is rounded to fp16
+    (2^-11 relative, finer than bf16's 2^-8), then divided out of the output. Against the fp64 attention over the
+    same fp8 values, so only those roundings remain. bf16 queries on CUDA; fp16 under the interpreter (its bf16
+    ``tl.dot`` is wrong, see below), where the largest queries stay inside fp16's range."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     lens = torch.tensor([150, 33], dtype=torch.int32, device=device)
-    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, 512, 64, 2, 150, device, seed=13)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, d_c, 64, 2, 150, device, seed=13)
     if dtype == torch.float16:
         magnitude = min(magnitude, 1.0e4)  # fp16 inputs themselves stop at 65504; bf16 ones on CUDA go past it
     q_latent = (q_latent * magnitude).to(dtype)
@@ -313,7 +319,7 @@ def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude):
     scale = 0.1 / magnitude
     c8, c_scale, k_pe16 = fp8_rows(c_kv, k_pe)
     config = DecodeConfig(block_n=16, min_split_tokens=16, fp8_mma="fp16")
-    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale, num_splits=2, config=config)
+    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale, num_splits=splits, config=config)
     ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale)
     assert out.dtype == dtype and torch.isfinite(out).all()
     rel = (out.double().cpu() - ref_out.cpu()).norm() / ref_out.cpu().norm()

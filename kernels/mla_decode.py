@@ -72,6 +72,12 @@ class DecodeConfig:
     min_split_tokens: int = 256
     fp8_mma: str = "fp16"
 
+    def __post_init__(self) -> None:  # checked once when a config is made, not on every decode call
+        if self.block_h < MMA_MIN_ROWS or self.block_n < MMA_MIN_ROWS:
+            raise ValueError(f"config.block_h and config.block_n must be >= {MMA_MIN_ROWS} (tl.dot minimum)")
+        if self.fp8_mma not in ("bf16", "fp16"):
+            raise ValueError(f"config.fp8_mma must be 'bf16' or 'fp16', got {self.fp8_mma!r}")
+
 
 @functools.lru_cache(maxsize=1024)  # called once per decode step and layer: the host time is the cost
 def default_config(num_heads: int, rows: int, num_sms: int, max_len: int, fp8: bool = False) -> DecodeConfig:
@@ -567,10 +573,6 @@ def mla_decode(
     page_size = c_kv.shape[1] if paged else 1
     max_len = block_table.shape[1] * page_size if paged else c_kv.shape[1]
     cfg = config or default_config(num_heads, rows, num_sms(q_latent.device), max_len, fp8=c_kv_scale is not None)
-    if cfg.block_h < MMA_MIN_ROWS or cfg.block_n < MMA_MIN_ROWS:
-        raise ValueError(f"config.block_h and config.block_n must be >= {MMA_MIN_ROWS} (tl.dot minimum)")
-    if cfg.fp8_mma not in ("bf16", "fp16"):
-        raise ValueError(f"config.fp8_mma must be 'bf16' or 'fp16', got {cfg.fp8_mma!r}")
     batch = block_table.shape[0] if paged else c_kv.shape[0]
     queries_per_seq = rows // batch
     block_h = max(MMA_MIN_ROWS, min(cfg.block_h, triton.next_power_of_2(num_heads)))

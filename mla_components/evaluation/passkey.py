@@ -41,7 +41,7 @@ from tqdm import tqdm
 from mla_components._validation import check_positive_int, is_positive_int
 from mla_components.decoding import CudaGraphStep, chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
-from mla_components.evaluation.report import ModelResult, write_report
+from mla_components.evaluation.report import ModelResult, read_journal, write_report
 from mla_components.evaluation.scoring import extract_value, is_correct
 from mla_components.kv_cache_report import allocated_kv_cache_bytes
 
@@ -293,11 +293,7 @@ class TrialJournal:
         self.path = Path(path)
         self.done: dict[tuple, dict[str, Any]] = {}
         if resume and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
+            for entry in read_journal(self.path):
                 self.done[self._record_key(entry["fingerprint"], entry["record"])] = entry
         elif self.path.exists():
             self.path.unlink()

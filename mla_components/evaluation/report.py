@@ -9,6 +9,9 @@ and a single run share one format. Files written into ``output_dir``:
 - ``cells.csv``: one row per (model, length, depth) with trials, correct, accuracy;
 - ``heatmap.png``: accuracy over depth (rows) x context length (columns), one panel per model, shared 0-1 scale;
 - ``summary.txt``: one line per (model, length) and, in compare mode, a table of accuracy per length and model.
+
+A run that was stopped before its report (a time limit, a lost machine) leaves its journal (``trials.jsonl``, one
+finished trial per line); ``python -m mla_components.evaluation.report journal`` reports what it holds.
 """
 
 from __future__ import annotations
@@ -238,6 +241,66 @@ def load_results(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """The entries of a trial journal (``trials.jsonl``): ``{"fingerprint", "record", "seconds", "kv_cache_bytes",
+    "peak_memory_bytes"}`` each, in the order written. A partly written line (the process killed mid-write) is
+    skipped."""
+    entries = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "fingerprint" in entry and "record" in entry:
+            entries.append(entry)
+    return entries
+
+
+def journal_result(path: Path, name: str, fingerprint: str | None = None) -> dict[str, Any]:
+    """One model's result dict (as :meth:`ModelResult.to_dict`) from the trials its journal holds: the report of a
+    run stopped before it wrote one. Cells hold the trials that finished (the summary's counts show how many).
+
+    Args:
+        path: the journal (``trials.jsonl``) or the output directory holding it.
+        name: the model's label in tables and heatmaps.
+        fingerprint: which model, when the journal holds several (one run of several models, or rewritten weights).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "trials.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no trial journal (a passkey run writes output_dir/trials.jsonl)")
+    entries = read_journal(path)
+    fingerprints = list(dict.fromkeys(e["fingerprint"] for e in entries))
+    if fingerprint is None:
+        if len(fingerprints) != 1:
+            found = ", ".join(fingerprints) or "none"
+            raise ValueError(
+                f"{path} holds trials of {len(fingerprints)} models ({found}); choose one with --fingerprint"
+            )
+        fingerprint = fingerprints[0]
+    elif fingerprint not in fingerprints:
+        raise ValueError(
+            f"{path} has no trials of model {fingerprint!r} (it holds {', '.join(fingerprints) or 'none'})"
+        )
+    result = ModelResult(name=name, checkpoint=f"journal {path} ({fingerprint})")
+    for entry in (e for e in entries if e["fingerprint"] == fingerprint):
+        length = int(entry["record"]["context_tokens"])
+        result.trials.append(entry["record"])
+        result.seconds[length] = result.seconds.get(length, 0.0) + float(entry.get("seconds") or 0.0)
+        if entry.get("kv_cache_bytes") is not None:
+            result.kv_cache_bytes[length] = int(entry["kv_cache_bytes"])
+        if entry.get("peak_memory_bytes") is not None:
+            peak = max(result.peak_memory_by_length.get(length, 0), int(entry["peak_memory_bytes"]))
+            result.peak_memory_by_length[length] = peak
+    if result.peak_memory_by_length:
+        result.peak_memory_bytes, result.peak_memory_kind = (
+            max(result.peak_memory_by_length.values()),
+            "cuda_max_allocated",
+        )
+    return result.to_dict()
+
+
 def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
     """One compare report from several runs' ``results.json`` (e.g. one process per model on a shared GPU).
 
@@ -258,7 +321,8 @@ def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m mla_components.evaluation.report merge OUTPUT_DIR RUN_DIR...``: one report of several runs."""
+    """``python -m mla_components.evaluation.report merge OUTPUT_DIR RUN_DIR...``: one report of several runs;
+    ``... journal OUTPUT_DIR --name NAME TRIALS_JSONL``: the report of a run stopped before it wrote one."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mla_components.evaluation.report", description=main.__doc__)
@@ -266,8 +330,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     merge = commands.add_parser("merge", help="merge several passkey reports into one compare report")
     merge.add_argument("output_dir", type=Path)
     merge.add_argument("sources", type=Path, nargs="+", help="results.json files or the directories holding them")
+    journal = commands.add_parser("journal", help="report the finished trials of a stopped run's trials.jsonl")
+    journal.add_argument("output_dir", type=Path)
+    journal.add_argument("journal", type=Path, help="a trials.jsonl or the run's output directory")
+    journal.add_argument("--name", required=True, help="the model's label in the report")
+    journal.add_argument("--fingerprint", help="which model, when the journal holds several")
     args = parser.parse_args(argv)
-    for path in merge_reports(args.sources, args.output_dir).values():
+    if args.command == "merge":
+        paths = merge_reports(args.sources, args.output_dir)
+    else:
+        model = journal_result(args.journal, args.name, args.fingerprint)
+        config = {"from_journal": str(args.journal), "note": "trials of a run stopped before its report"}
+        paths = write_report(args.output_dir, config, [model])
+    for path in paths.values():
         print(path)
 
 

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 
 from mla_components.data import byte_tokenizer
 from mla_components.evaluation.passkey import PasskeyGrid, load_checkpointed_model, make_trials, run
-from mla_components.evaluation.report import main as merge_main
-from mla_components.evaluation.report import merge_reports
+from mla_components.evaluation.report import journal_result, merge_reports
+from mla_components.evaluation.report import main as report_main
 from tests.eval.conftest import PASSKEY_CONFIG, SMALL_GRID
 
 TUNE = str(Path(sys.executable).with_name("tune"))
@@ -150,7 +150,7 @@ def test_model_names_selects_entries_and_distractor_answers_are_counted(passkey_
     # runs of single models (one process each on a shared GPU) merge into one compare report
     other = run(OmegaConf.merge(cfg, {"model_names": ["a"], "output_dir": str(Path(cfg.output_dir) / "a")}))
     merged = Path(cfg.output_dir) / "merged"
-    merge_main(["merge", str(merged), str(Path(cfg.output_dir)), str(other["json"])])
+    report_main(["merge", str(merged), str(Path(cfg.output_dir)), str(other["json"])])
     report = json.loads((merged / "results.json").read_text())
     assert [m["name"] for m in report["models"]] == ["b", "a"]
     assert report["models"][0] == model
@@ -177,6 +177,18 @@ def test_a_stopped_run_resumes_from_its_journal_and_equals_an_uninterrupted_one(
     assert len(lines) == len(full["models"][0]["trials"]) == 8
 
     journal.write_text("\n".join(lines[:5]) + "\n" + lines[5][:40])  # stopped while writing the sixth trial
+    # the stopped run's report: the five finished trials, cells counting what finished
+    stopped_dir = Path(passkey_cfg.output_dir) / "stopped"
+    report_main(["journal", str(stopped_dir), str(journal), "--name", "stopped"])
+    (stopped,) = json.loads((stopped_dir / "results.json").read_text())["models"]
+    assert stopped["name"] == "stopped"
+    assert stopped["trials"] == full["models"][0]["trials"][:5]
+    assert sum(c["trials"] for c in stopped["cells"]) == 5
+    assert [r["kv_cache_bytes"] for r in stopped["lengths"]] == [
+        r["kv_cache_bytes"] for r in full["models"][0]["lengths"]
+    ]
+    assert [r["trials"] for r in stopped["lengths"]] == [4, 1]
+    assert re.search(r"@\s+512 tokens: accuracy \S+ \([01]/1\)", (stopped_dir / "summary.txt").read_text())
     calls.clear()
     resumed = json.loads(run(passkey_cfg, load_model=counting)["json"].read_text())
     assert 0 < len(calls) < forwards_per_run  # only the three missing trials ran
@@ -194,6 +206,10 @@ def test_a_stopped_run_resumes_from_its_journal_and_equals_an_uninterrupted_one(
     calls.clear()
     run(OmegaConf.merge(passkey_cfg, {"max_new_tokens": SMALL_GRID["max_new_tokens"] + 1}), load_model=counting)
     assert len(calls) > 0
+    with pytest.raises(ValueError, match="holds trials of 2 models .*choose one with --fingerprint"):
+        journal_result(journal, "either")
+    first = json.loads(journal.read_text().splitlines()[0])["fingerprint"]
+    assert journal_result(journal, "first", first)["trials"] == full["models"][0]["trials"]
     # nor do retrained weights written into the same checkpoint directory
     calls.clear()
     weights = next(Path(passkey_cfg.checkpointer.checkpoint_dir).glob("*.safetensors"))

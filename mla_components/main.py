@@ -49,13 +49,14 @@ DEMO_CALIBRATION = [
 KV_LORA_RANK = 512  # servable: vLLM's MLA kernels take a 576-wide latent head (512 + 64)
 PASSKEY_NAMES = ("smollm2_135m_origin", "mla_512_converted", "mla_512_sft", "mla_512_dpo")
 # the long-context model of docs/results/long_context.md as a delta, and the token windows its base was calibrated on
-LONG_CONTEXT_DIR = Path("docs/results/long_context")
+_IN_REPOSITORY = Path(__file__).resolve().parents[1] / "docs" / "results" / "long_context"
+LONG_CONTEXT_DIR = _IN_REPOSITORY if _IN_REPOSITORY.is_dir() else Path("docs/results/long_context")
 LONG_CONTEXT_DELTA = LONG_CONTEXT_DIR / "mla_dpo_delta.safetensors"
 LONG_CONTEXT_TOKENS = LONG_CONTEXT_DIR / "mla_256_calibration_tokens.safetensors"
 
 
-def _step(n: int, text: str) -> None:
-    print(f"\n[{n}/{STEPS}] {text}", flush=True)
+def _step(n: int, text: str, steps: int = STEPS) -> None:
+    print(f"\n[{n}/{steps}] {text}", flush=True)
 
 
 def _tune(args: list[str], threads: int | None = 1) -> None:
@@ -182,6 +183,24 @@ def passkey_side_by_side(origin_dir: Path, mla_dirs: dict[str, Path], output_dir
     return results
 
 
+def check_long_context_files(parser: argparse.ArgumentParser, delta: Path, tokens: Path) -> None:
+    """Step 9's inputs, read before step 1: a delta file (format and metadata) and a calibration tokens file."""
+    from mla_components.checkpointing.delta import load_delta
+    from mla_components.conversion.pipeline import read_calibration_tokens
+
+    fix = "run from the repository (both files ship in docs/results/long_context/), give the file, or --no-long-context"
+    for flag, path, read in (
+        ("--long-context-delta", delta, load_delta),
+        ("--long-context-tokens", tokens, read_calibration_tokens),
+    ):
+        if not path.is_file():
+            parser.error(f"{flag} {path} does not exist: {fix}")
+        try:
+            read(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error naming the flag
+            parser.error(f"{flag} {path} cannot be read ({e}): {fix}")
+
+
 def long_context_model(delta: Path, tokens: Path, output_dir: Path) -> Path:
     """The long-context model rebuilt from its delta: the ``convert_to_mla`` recipe at 256 + 64 on the shipped
     calibration tokens (the delta's base; held-out windows cut to one, they only feed the report), then
@@ -189,7 +208,7 @@ def long_context_model(delta: Path, tokens: Path, output_dir: Path) -> Path:
     from mla_components.checkpointing.delta import load_delta, rebuild
     from mla_components.conversion.pipeline import MODEL_SUBDIR
 
-    _, metadata = load_delta(delta)  # a missing or foreign file fails here, before the conversion
+    _, metadata = load_delta(delta)
     print(f"      the delta's base, as recorded in it: {metadata['base_recipe']}")
     base = output_dir / "base_mla_256"
     _tune(
@@ -268,27 +287,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-long-context", action="store_true", help="skip step 9 (about 5 min on 2 cores)")
     args = parser.parse_args(argv)
     if not args.no_long_context:  # before any work: both files ship in the repository, next to its results
-        for flag, path in (
-            ("--long-context-delta", args.long_context_delta),
-            ("--long-context-tokens", args.long_context_tokens),
-        ):
-            if not path.is_file():
-                parser.error(f"{flag} {path} does not exist: run from the repository root, give the file, "
-                             "or skip step 9 with --no-long-context")  # fmt: skip
+        check_long_context_files(parser, args.long_context_delta, args.long_context_tokens)
+    steps = STEPS - 1 if args.no_long_context else STEPS
+
+    def step(n: int, text: str) -> None:
+        _step(n, text, steps)
+
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    _step(1, "SmolLM2-135M-Instruct: the bundled GGUF -> an HF Llama directory (the GQA origin)")
+    step(1, "SmolLM2-135M-Instruct: the bundled GGUF -> an HF Llama directory (the GQA origin)")
     origin_dir = write_origin_checkpoint(out / "origin")
 
-    _step(2, f"conversion to MLA, training-free (latent {KV_LORA_RANK} + rope 64): the convert_to_mla recipe")
+    step(2, f"conversion to MLA, training-free (latent {KV_LORA_RANK} + rope 64): the convert_to_mla recipe")
     converted = out / f"mla_{KV_LORA_RANK}"
     convert_origin(origin_dir, converted)
 
-    _step(3, "cached generation over the latent KV cache equals an uncached forward (mla_tiny)")
+    step(3, "cached generation over the latent KV cache equals an uncached forward (mla_tiny)")
     check_cached_generation(args.prompt, args.max_new_tokens, args.seed)
 
-    _step(4, "needle SFT of the converted model, a few steps (Torchtune full_finetune_distributed, FSDP2, gloo)")
+    step(4, "needle SFT of the converted model, a few steps (Torchtune full_finetune_distributed, FSDP2, gloo)")
     _tune([
         "--nproc_per_node", str(args.nproc), "full_finetune_distributed", "--config", "smollm2_135m/sft_cpu",
         f"output_dir={out / 'sft'}", f"checkpointer.checkpoint_dir={converted / 'model'}",
@@ -296,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     ])  # fmt: skip
     sft = last_epoch(out / "sft")
 
-    _step(5, "DPO against needle hallucinations (Torchtune full_dpo_distributed)")
+    step(5, "DPO against needle hallucinations (Torchtune full_dpo_distributed)")
     _tune([
         "--nproc_per_node", str(args.nproc), "full_dpo_distributed", "--config", "smollm2_135m/dpo_cpu",
         f"output_dir={out / 'dpo'}", f"checkpointer.checkpoint_dir={sft}", f"tokenizer.path={origin_dir}",
@@ -304,32 +322,32 @@ def main(argv: list[str] | None = None) -> None:
     ])  # fmt: skip
     dpo = last_epoch(out / "dpo")
 
-    _step(6, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
+    step(6, "export for serving (HF DeepseekV3 directory: transformers, vLLM, k8s/)")
     from mla_components.export import export_checkpoint
 
     exported = export_checkpoint(dpo, out / "export", dtype="float32", overwrite=True)
     print(f"      python -m mla_components.export --checkpoint {dpo} --output {exported} --dtype float32 --overwrite")
     print(f"      serve it: python -m vllm.entrypoints.openai.api_server --model {exported}  (docs/serving.md)")
 
-    _step(7, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
+    step(7, "KV-cache bytes of the 1B models, measured from allocated cache tensors")
     kv_cache_table()
 
-    _step(8, "passkey retrieval: origin (GQA), converted, SFT and DPO (MLA) side by side, 512 and 1024 tokens")
+    step(8, "passkey retrieval: origin (GQA), converted, SFT and DPO (MLA) side by side, 512 and 1024 tokens")
     mla_dirs = dict(zip(PASSKEY_NAMES[1:], (converted / "model", sft, dpo), strict=True))
     passkey_side_by_side(origin_dir, mla_dirs, out / "passkey_eval")
-    print(f"\nEverything is under {out}: origin/, {converted.name}/ (converted model, conversion_report.json), "
-          f"sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store {out / 'sft' / 'mlflow.db'}), "
-          f"export/, passkey_eval/")  # fmt: skip
     print(f"The passkey heatmap: {out / 'passkey_eval' / 'heatmap.png'}")
 
     if not args.no_long_context:
-        _step(
-            9, "the GPU-trained long-context model from its 20 MB delta: base rebuilt here, delta applied, passkey 4k"
-        )
+        step(9, "the GPU-trained long-context model from its 20 MB delta: base rebuilt here, delta applied, passkey 4k")
         model = long_context_model(
             args.long_context_delta.resolve(), args.long_context_tokens.resolve(), out / "long_context"
         )
-        long_context_passkey(model, out / "origin", out / "long_context" / "passkey_eval")
+        long_context_passkey(model, origin_dir, out / "long_context" / "passkey_eval")
+    long_context = "" if args.no_long_context else ", long_context/ (rebuilt base and model, passkey_eval/)"
+    print(f"\nEverything is under {out}: origin/, {converted.name}/ (converted model, conversion_report.json), "
+          f"sft/ dpo/ (HF epoch directories, logs, W&B offline run, MLflow store {out / 'sft' / 'mlflow.db'}), "
+          f"export/, passkey_eval/{long_context}")  # fmt: skip
+    if not args.no_long_context:
         print(f"The long-context model: {model} (docs/results/long_context.md has it from 4k to 128k on a GPU)")
 
 

@@ -77,3 +77,29 @@ def test_main_job_converts_trains_and_exports_the_real_model_and_ends_with_the_p
     assert proc.stdout.rstrip().endswith(
         f"The long-context model: {rebuilt} (docs/results/long_context.md has it from 4k to 128k on a GPU)"
     )
+
+
+@pytest.mark.parametrize(
+    "flag, content, message",
+    [
+        ("--long-context-delta", None, "does not exist"),
+        ("--long-context-delta", b"not a delta", "cannot be read"),
+        ("--long-context-tokens", b"not tokens", "cannot be read"),
+    ],
+)
+def test_step_9_inputs_are_checked_before_step_1(tmp_path, flag, content, message):
+    """A missing or unreadable delta or tokens file stops the main job at once (exit 2, the flag and the fix named),
+    before minutes of steps 1-8; nothing is written."""
+    path = tmp_path / "given.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    out = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_components.main", "--output", str(out), flag, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"{flag} {path} {message}" in proc.stderr and "--no-long-context" in proc.stderr
+    assert not out.exists() and "[1/" not in proc.stdout

@@ -41,7 +41,13 @@ from tqdm import tqdm
 from mla_components._validation import check_positive_int, is_positive_int
 from mla_components.decoding import CudaGraphStep, chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
-from mla_components.evaluation.report import ModelResult, read_journal, write_report
+from mla_components.evaluation.report import (
+    ModelResult,
+    journal_key,
+    journal_record_key,
+    read_journal,
+    write_report,
+)
 from mla_components.evaluation.scoring import extract_value, is_correct
 from mla_components.kv_cache_report import allocated_kv_cache_bytes
 
@@ -300,12 +306,11 @@ class TrialJournal:
 
     @staticmethod
     def _key(fingerprint: str, context_tokens, depth, trial, seed, answer: str, prompt_tokens) -> tuple:
-        return fingerprint, int(context_tokens), float(depth), int(trial), seed, answer, int(prompt_tokens)
+        return journal_key(fingerprint, context_tokens, depth, trial, seed, answer, prompt_tokens)
 
     @classmethod
     def _record_key(cls, fingerprint: str, record: Mapping[str, Any]) -> tuple:
-        fields = ("context_tokens", "depth", "trial", "seed", "answer", "prompt_tokens")
-        return cls._key(fingerprint, *(record[name] for name in fields))
+        return journal_record_key(fingerprint, record)
 
     def get(self, fingerprint: str, trial: Trial) -> dict[str, Any] | None:
         cell = trial.context_tokens, trial.depth, trial.trial, trial.seed
@@ -413,6 +418,8 @@ def evaluate_model(
                         journal.add(
                             fingerprint,
                             record,
+                            name=name,
+                            kv_cache_dtype=result.kv_cache_dtype,
                             seconds=seconds,
                             kv_cache_bytes=result.kv_cache_bytes[length],
                             peak_memory_bytes=peak,

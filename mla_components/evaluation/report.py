@@ -241,10 +241,21 @@ def load_results(path: Path) -> dict[str, Any]:
     return data
 
 
+def journal_key(fingerprint: str, context_tokens, depth, trial, seed, answer: str, prompt_tokens) -> tuple:
+    """What identifies a journaled trial: the model's fingerprint, the cell, the seed and what the prompt came out
+    as (its answer and length: a changed prompt generator is another trial)."""
+    return fingerprint, int(context_tokens), float(depth), int(trial), seed, answer, int(prompt_tokens)
+
+
+def journal_record_key(fingerprint: str, record: dict[str, Any]) -> tuple:
+    fields = ("context_tokens", "depth", "trial", "seed", "answer", "prompt_tokens")
+    return journal_key(fingerprint, *(record[name] for name in fields))
+
+
 def read_journal(path: Path) -> list[dict[str, Any]]:
     """The entries of a trial journal (``trials.jsonl``): ``{"fingerprint", "record", "seconds", "kv_cache_bytes",
-    "peak_memory_bytes"}`` each, in the order written. A partly written line (the process killed mid-write) is
-    skipped."""
+    "peak_memory_bytes"}`` each (and the model's ``name`` and ``kv_cache_dtype``), in the order written. A partly
+    written line (the process killed mid-write) is skipped."""
     entries = []
     for line in Path(path).read_text().splitlines():
         try:
@@ -256,13 +267,14 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def journal_result(path: Path, name: str, fingerprint: str | None = None) -> dict[str, Any]:
+def journal_result(path: Path, name: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
     """One model's result dict (as :meth:`ModelResult.to_dict`) from the trials its journal holds: the report of a
-    run stopped before it wrote one. Cells hold the trials that finished (the summary's counts show how many).
+    run stopped before it wrote one. Cells hold the trials that finished (the summary's counts show how many); a
+    trial journaled twice (a resumed run's rerun) counts once, its last entry.
 
     Args:
         path: the journal (``trials.jsonl``) or the output directory holding it.
-        name: the model's label in tables and heatmaps.
+        name: the model's label in tables and heatmaps (default: the name journaled with the trials).
         fingerprint: which model, when the journal holds several (one run of several models, or rewritten weights).
     """
     path = Path(path)
@@ -271,20 +283,24 @@ def journal_result(path: Path, name: str, fingerprint: str | None = None) -> dic
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trial journal (a passkey run writes output_dir/trials.jsonl)")
     entries = read_journal(path)
-    fingerprints = list(dict.fromkeys(e["fingerprint"] for e in entries))
+    if not entries:
+        raise ValueError(f"{path} holds no finished trial")
+    models = {e["fingerprint"]: e.get("name") or "unnamed" for e in entries}
+    listed = ", ".join(f"{fp} ({model})" for fp, model in models.items())
     if fingerprint is None:
-        if len(fingerprints) != 1:
-            found = ", ".join(fingerprints) or "none"
-            raise ValueError(
-                f"{path} holds trials of {len(fingerprints)} models ({found}); choose one with --fingerprint"
-            )
-        fingerprint = fingerprints[0]
-    elif fingerprint not in fingerprints:
-        raise ValueError(
-            f"{path} has no trials of model {fingerprint!r} (it holds {', '.join(fingerprints) or 'none'})"
-        )
-    result = ModelResult(name=name, checkpoint=f"journal {path} ({fingerprint})")
-    for entry in (e for e in entries if e["fingerprint"] == fingerprint):
+        if len(models) != 1:
+            raise ValueError(f"{path} holds trials of {len(models)} models: {listed}; choose one with --fingerprint")
+        fingerprint = next(iter(models))
+    elif fingerprint not in models:
+        raise ValueError(f"{path} has no trials of model {fingerprint!r}; it holds {listed}")
+    chosen = {journal_record_key(fingerprint, e["record"]): e for e in entries if e["fingerprint"] == fingerprint}
+    first = next(iter(chosen.values()))
+    result = ModelResult(
+        name=name or first.get("name") or fingerprint,
+        checkpoint=f"journal {path} ({fingerprint})",
+        kv_cache_dtype=first.get("kv_cache_dtype"),
+    )
+    for entry in chosen.values():
         length = int(entry["record"]["context_tokens"])
         result.trials.append(entry["record"])
         result.seconds[length] = result.seconds.get(length, 0.0) + float(entry.get("seconds") or 0.0)
@@ -293,12 +309,15 @@ def journal_result(path: Path, name: str, fingerprint: str | None = None) -> dic
         if entry.get("peak_memory_bytes") is not None:
             peak = max(result.peak_memory_by_length.get(length, 0), int(entry["peak_memory_bytes"]))
             result.peak_memory_by_length[length] = peak
-    if result.peak_memory_by_length:
-        result.peak_memory_bytes, result.peak_memory_kind = (
+    model = result.to_dict()
+    if result.peak_memory_by_length:  # CUDA peaks were journaled; a CPU run's peak RSS was not
+        model["peak_memory_bytes"], model["peak_memory_kind"] = (
             max(result.peak_memory_by_length.values()),
             "cuda_max_allocated",
         )
-    return result.to_dict()
+    else:
+        model["peak_memory_bytes"], model["peak_memory_kind"] = None, None
+    return model
 
 
 def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
@@ -322,7 +341,7 @@ def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m mla_components.evaluation.report merge OUTPUT_DIR RUN_DIR...``: one report of several runs;
-    ``... journal OUTPUT_DIR --name NAME TRIALS_JSONL``: the report of a run stopped before it wrote one."""
+    ``... journal OUTPUT_DIR TRIALS_JSONL [--name NAME]``: the report of a run stopped before it wrote one."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mla_components.evaluation.report", description=main.__doc__)
@@ -333,15 +352,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     journal = commands.add_parser("journal", help="report the finished trials of a stopped run's trials.jsonl")
     journal.add_argument("output_dir", type=Path)
     journal.add_argument("journal", type=Path, help="a trials.jsonl or the run's output directory")
-    journal.add_argument("--name", required=True, help="the model's label in the report")
+    journal.add_argument("--name", help="the model's label in the report (default: the journaled name)")
     journal.add_argument("--fingerprint", help="which model, when the journal holds several")
     args = parser.parse_args(argv)
-    if args.command == "merge":
-        paths = merge_reports(args.sources, args.output_dir)
-    else:
-        model = journal_result(args.journal, args.name, args.fingerprint)
-        config = {"from_journal": str(args.journal), "note": "trials of a run stopped before its report"}
-        paths = write_report(args.output_dir, config, [model])
+    try:
+        if args.command == "merge":
+            paths = merge_reports(args.sources, args.output_dir)
+        else:
+            model = journal_result(args.journal, args.name, args.fingerprint)
+            config = {
+                "from_journal": str(args.journal),
+                "note": "the finished trials of a run stopped before its report",
+            }
+            paths = write_report(args.output_dir, config, [model])
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     for path in paths.values():
         print(path)
 

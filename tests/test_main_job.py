@@ -71,9 +71,9 @@ def test_main_job_converts_trains_and_exports_the_real_model_and_ends_with_the_p
     rebuilt = out / "long_context" / "model"
     assert json.loads((rebuilt / "config.json").read_text())["kv_lora_rank"] == 256
     (long_model,) = json.loads((out / "long_context" / "passkey_eval" / "results.json").read_text())["models"]
-    assert [(t["context_tokens"], t["depth"]) for t in long_model["trials"]] == [(4096, 0.0), (4096, 0.5), (4096, 1.0)]
-    assert all(t["prompt_tokens"] > 3500 for t in long_model["trials"])
-    assert long_model["overall_accuracy"] >= 2 / 3, long_model["trials"]  # measured 3/3 (and 20/20 at 2k-4k)
+    assert [(t["context_tokens"], t["depth"]) for t in long_model["trials"]] == [(3072, 0.0), (3072, 0.5), (3072, 1.0)]
+    assert all(t["prompt_tokens"] > 2900 for t in long_model["trials"])
+    assert long_model["overall_accuracy"] >= 2 / 3, long_model["trials"]  # 20/20 at 2k and 4k
     assert proc.stdout.rstrip().endswith(
         f"The long-context model: {rebuilt} (docs/results/long_context.md has it from 4k to 128k on a GPU)"
     )

@@ -190,32 +190,35 @@ def passkey_side_by_side(origin_dir: Path, mla_dirs: dict[str, Path], output_dir
     return results
 
 
-def check_long_context_files(parser: argparse.ArgumentParser, delta: Path, tokens: Path) -> None:
-    """Step 9's inputs, read before step 1: a delta file (format and metadata) and a calibration tokens file."""
+def check_long_context_files(parser: argparse.ArgumentParser, delta: Path, tokens: Path) -> dict:
+    """Step 9's inputs, read before step 1: a delta file (format and metadata) and a calibration tokens file.
+    Returns the delta's metadata."""
     from mla_components.checkpointing.delta import load_delta
     from mla_components.conversion.pipeline import read_calibration_tokens
 
     fix = "run from the repository (both files ship in docs/results/long_context/), give the file, or --no-long-context"
-    for flag, path, read in (
-        ("--long-context-delta", delta, load_delta),
-        ("--long-context-tokens", tokens, read_calibration_tokens),
-    ):
+
+    def read(flag: str, path: Path, reader):
         if not path.is_file():
             parser.error(f"{flag} {path} does not exist: {fix}")
         try:
-            read(path)
+            return reader(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error naming the flag
             parser.error(f"{flag} {path} cannot be read ({e}): {fix}")
 
+    _, metadata = read("--long-context-delta", delta, load_delta)
+    read("--long-context-tokens", tokens, read_calibration_tokens)
+    return metadata
 
-def long_context_model(delta: Path, tokens: Path, output_dir: Path) -> Path:
+
+def long_context_model(delta: Path, metadata: dict, tokens: Path, output_dir: Path) -> Path:
     """The long-context model rebuilt from its delta: the ``convert_to_mla`` recipe at 256 + 64 on the shipped
     calibration tokens (the delta's base; held-out windows cut to one, they only feed the report), then
-    ``python -m mla_components.checkpointing.delta apply``. Returns the rebuilt HF directory."""
-    from mla_components.checkpointing.delta import load_delta, rebuild
+    ``python -m mla_components.checkpointing.delta apply``. ``metadata``: the delta's, as
+    :func:`check_long_context_files` read it. Returns the rebuilt HF directory."""
+    from mla_components.checkpointing.delta import rebuild
     from mla_components.conversion.pipeline import MODEL_SUBDIR
 
-    _, metadata = load_delta(delta)
     print(f"      the delta's base, as recorded in it: {metadata['base_recipe']}")
     base = output_dir / "base_mla_256"
     _tune(
@@ -287,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-long-context", action="store_true", help="skip step 9 (about 5 min on 2 cores)")
     args = parser.parse_args(argv)
     if not args.no_long_context:  # before any work: both files ship in the repository, next to its results
-        check_long_context_files(parser, args.long_context_delta, args.long_context_tokens)
+        delta_metadata = check_long_context_files(parser, args.long_context_delta, args.long_context_tokens)
     steps = STEPS - 1 if args.no_long_context else STEPS
 
     def step(n: int, text: str) -> None:
@@ -340,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_long_context:
         step(9, "the GPU-trained long-context model from its 20 MB delta: base rebuilt here, delta applied, passkey 3k")
         model = long_context_model(
-            args.long_context_delta.resolve(), args.long_context_tokens.resolve(), out / "long_context"
+            args.long_context_delta.resolve(), delta_metadata, args.long_context_tokens.resolve(), out / "long_context"
         )
         long_context_passkey(model, origin_dir, out / "long_context" / "passkey_eval")
     long_context = "" if args.no_long_context else ", long_context/ (rebuilt base and model, passkey_eval/)"

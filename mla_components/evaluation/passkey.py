@@ -300,21 +300,13 @@ class TrialJournal:
         self.done: dict[tuple, dict[str, Any]] = {}
         if resume and self.path.is_file():
             for entry in read_journal(self.path):
-                self.done[self._record_key(entry["fingerprint"], entry["record"])] = entry
+                self.done[journal_record_key(entry["fingerprint"], entry["record"])] = entry
         elif self.path.exists():
             self.path.unlink()
 
-    @staticmethod
-    def _key(fingerprint: str, context_tokens, depth, trial, seed, answer: str, prompt_tokens) -> tuple:
-        return journal_key(fingerprint, context_tokens, depth, trial, seed, answer, prompt_tokens)
-
-    @classmethod
-    def _record_key(cls, fingerprint: str, record: Mapping[str, Any]) -> tuple:
-        return journal_record_key(fingerprint, record)
-
     def get(self, fingerprint: str, trial: Trial) -> dict[str, Any] | None:
         cell = trial.context_tokens, trial.depth, trial.trial, trial.seed
-        return self.done.get(self._key(fingerprint, *cell, trial.sample.answer, len(trial.prompt)))
+        return self.done.get(journal_key(fingerprint, *cell, trial.sample.answer, len(trial.prompt)))
 
     def add(self, fingerprint: str, record: dict[str, Any], **measured: Any) -> None:
         entry = {"fingerprint": fingerprint, "record": record, **measured}
@@ -326,7 +318,7 @@ class TrialJournal:
             f.write(json.dumps(entry).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        self.done[self._record_key(fingerprint, record)] = entry
+        self.done[journal_record_key(fingerprint, record)] = entry
 
 
 def model_fingerprint(entry: ModelEntry, cfg: DictConfig) -> str:

@@ -64,8 +64,8 @@ class ModelResult:
     kv_cache_bytes: dict[int, int] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
     peak_memory_by_length: dict[int, int] = field(default_factory=dict)
-    peak_memory_bytes: int = 0
-    peak_memory_kind: str = "cpu_max_rss"
+    peak_memory_bytes: int | None = 0
+    peak_memory_kind: str | None = "cpu_max_rss"
     kv_cache_dtype: str | None = None
 
     def cells(self) -> list[CellScore]:
@@ -309,15 +309,14 @@ def journal_result(path: Path, name: str | None = None, fingerprint: str | None 
         if entry.get("peak_memory_bytes") is not None:
             peak = max(result.peak_memory_by_length.get(length, 0), int(entry["peak_memory_bytes"]))
             result.peak_memory_by_length[length] = peak
-    model = result.to_dict()
     if result.peak_memory_by_length:  # CUDA peaks were journaled; a CPU run's peak RSS was not
-        model["peak_memory_bytes"], model["peak_memory_kind"] = (
+        result.peak_memory_bytes, result.peak_memory_kind = (
             max(result.peak_memory_by_length.values()),
             "cuda_max_allocated",
         )
     else:
-        model["peak_memory_bytes"], model["peak_memory_kind"] = None, None
-    return model
+        result.peak_memory_bytes, result.peak_memory_kind = None, None
+    return result.to_dict()
 
 
 def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:

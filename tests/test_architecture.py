@@ -1,9 +1,9 @@
 """Every import between the project's packages points down the layer stack, and no two parts import each other.
 
 Read statically with ``ast`` (every ``import`` anywhere in a file, lazy ones inside functions included; nothing is
-executed), over the installed packages as pyproject.toml maps them (``kernels/`` -> ``mla_kernels``, ``recipes/``
--> ``mla_recipes``, ``configs/`` -> ``mla_recipes.configs``). A new module must be placed in :data:`LAYERS`; a new
-upward import fails :func:`test_no_upward_import` unless it is listed in :data:`ALLOWED` with its reason.
+executed), over the installed packages as pyproject.toml maps them (``recipes/`` -> ``mla_recipes``, ``configs/``
+-> ``mla_recipes.configs``). A new module must be placed in :data:`LAYERS`; a new upward import fails
+:func:`test_no_upward_import` unless it is listed in :data:`ALLOWED` with its reason.
 """
 
 import ast

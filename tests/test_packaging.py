@@ -1,6 +1,7 @@
 """The wheel contains every package and data file the installed product needs (the layout renames folders, so
 setuptools' discovery cannot be used and the list in pyproject.toml is explicit)."""
 
+import importlib.metadata
 import subprocess
 import sys
 import zipfile
@@ -13,7 +14,7 @@ RENAMES = {
     "mla_components": "mla_components",
     "recipes": "mla_recipes",
     "configs": "mla_recipes.configs",
-    "kernels": "mla_kernels",
+    "mla_kernels": "mla_kernels",
 }
 
 
@@ -54,3 +55,20 @@ def test_wheel_ships_configs_recipes_and_data_files(tmp_path):
         "mla_components/data/_tokenizer.py",
     ]:
         assert path in names, path
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """A folder at the repository root is importable under its own name whenever the root is on ``sys.path``
+    (``python -m`` from the checkout, pytest), ahead of site-packages: a folder named like another installed
+    distribution's package replaces it (a ``kernels/`` folder broke transformers, which imports Hugging Face's
+    ``kernels``). Torchtune's ``recipes`` is the one known overlap: nothing imports it by name (``tune run``
+    loads its recipe files by path) and ours installs as ``mla_recipes``."""
+    ours = {"infinitecontext"}
+    owners = importlib.metadata.packages_distributions()
+    for folder in REPO.iterdir():
+        if not folder.is_dir() or folder.name.startswith(".") or not folder.name.isidentifier():
+            continue
+        others = set(owners.get(folder.name, [])) - ours
+        if folder.name == "recipes":
+            others -= {"torchtune"}
+        assert not others, f"top-level folder {folder.name}/ shadows the package of {sorted(others)}: rename it"

@@ -10,6 +10,7 @@
 
 import torch
 import torch.nn.functional as F
+
 from mla_kernels.fp8 import dequantize_latent_fp8
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from mla_kernels.fp8 import FP8_GROUP_SIZE
 
 LOG2E = 1.4426950408889634

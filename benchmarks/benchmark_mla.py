@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, replace
 
 import torch
+
+from mla_components.modules.attention import absorbed_attention_torch
 from mla_kernels.fp8 import quantize_latent_fp8
 from mla_kernels.mla_decode import (
     DecodeConfig,
@@ -44,8 +46,6 @@ from mla_kernels.mla_decode import (
     num_sms,
 )
 from mla_kernels.reference import naive_decode_torch
-
-from mla_components.modules.attention import absorbed_attention_torch
 
 SHAPES = [(1, 4096), (1, 32768), (1, 131072), (8, 32768), (32, 16384), (128, 4096)]
 HOST_SHAPES = [(1, 256), (1, 4096)]  # a short cache (4 splits) and a longer one (64 splits): two launches each

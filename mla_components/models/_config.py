@@ -3,12 +3,11 @@
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from mla_kernels.fp8 import FP8_GROUP_SIZE
-
 from mla_components._validation import check_positive_int, check_rope_dim, is_positive_int
 from mla_components.modules.backend import validate_kernel_backend
 from mla_components.modules.kv_cache import validate_kv_cache_dtype
 from mla_components.modules.rope import validate_rope_scaling
+from mla_kernels.fp8 import FP8_GROUP_SIZE
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ Two ways to compute the same function:
 
 import torch
 import torch.nn.functional as F
-from mla_kernels.fp8 import dequantize_latent_fp8
 from torch import nn
 from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right
 from torchtune.modules.attention_utils import _MaskType
@@ -23,6 +22,7 @@ from torchtune.modules.attention_utils import _MaskType
 from mla_components._validation import check_positive_ints, check_rope_dim
 from mla_components.modules.backend import resolve_backend, validate_kernel_backend
 from mla_components.modules.kv_cache import MLAKVCache, causal_cache_mask, validate_kv_cache_dtype
+from mla_kernels.fp8 import dequantize_latent_fp8
 
 try:  # flex attention handles packed-sequence BlockMasks (optional, as in Torchtune)
     from torch.nn.attention.flex_attention import BlockMask, flex_attention

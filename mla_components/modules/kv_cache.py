@@ -1,8 +1,9 @@
 """Latent KV cache for MLA: stores only ``c_kv`` and ``k_pe``, never per-head keys or values."""
 
 import torch
-from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8
 from torch import nn
+
+from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8
 
 # "bf16": the latent unquantised, in the dtype given to ``setup_caches`` (bf16 in every bf16 run; fp32 CPU runs keep
 # fp32); "fp8_e4m3": FlashMLA's layout, e4m3 latent with one fp32 scale per 128 values and the rope key in bf16.

@@ -6,11 +6,11 @@ for the ``triton`` backend.
 """
 
 import torch
-from mla_kernels.rms_norm import rms_norm
-from mla_kernels.rope import apply_interleaved_rope
 from torch import nn
 
 from mla_components.modules.rope import DecoupledRotaryEmbedding
+from mla_kernels.rms_norm import rms_norm
+from mla_kernels.rope import apply_interleaved_rope
 
 
 class TritonRMSNorm(nn.Module):

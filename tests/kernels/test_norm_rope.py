@@ -9,11 +9,10 @@ from tests._requirements import require_module
 
 require_module("triton", 'pip install -e ".[triton]"')
 
-from mla_kernels.rms_norm import rms_norm  # noqa: E402
-from mla_kernels.rope import apply_interleaved_rope  # noqa: E402
-
 from mla_components.modules.rope import DecoupledRotaryEmbedding  # noqa: E402
 from mla_components.modules.triton_layers import TritonDecoupledRotaryEmbedding, TritonRMSNorm  # noqa: E402
+from mla_kernels.rms_norm import rms_norm  # noqa: E402
+from mla_kernels.rope import apply_interleaved_rope  # noqa: E402
 
 YARN = {"factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0, "mscale_all_dim": 0.8}
 

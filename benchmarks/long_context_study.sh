@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU study behind docs/results/long_context.md: SmolLM2-135M-Instruct converted to MLA (256 + 64) and healed
 # (benchmarks/conversion_study.sh), then extended with YaRN x16 and trained on long needle data with Torchtune's own
-# FSDP recipes (SFT, then DPO), next to its GQA control trained the same way; then passkey from 4k to 128k tokens.
+# FSDP recipes (SFT at up to 32k tokens, SFT at 48k-64k, then DPO), next to its GQA control trained the same way;
+# then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million|delta GGUF RESULTS_DIR
+#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta GGUF RESULTS_DIR
 #   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run; delta = the MLA
 #   model after DPO as a <= 20 MB delta over the CPU conversion a user rebuilds, and its passkey beside the model's)
 #
@@ -67,9 +68,9 @@ train_all() {
 }
 
 case $stage in
-  prepare | sft | dpo | heldout | anchors | landmark | chat | multi | million | delta | evaluate) ;;
+  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|dpo|heldout|anchors|landmark|chat|multi|million|delta|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
@@ -83,6 +84,9 @@ fi
 if runs sft; then
   train_all full_finetune_distributed sft "${sft_args[@]}"
 fi
+if runs sft64k; then  # the second SFT stage, real 48k-64k sequences, from the first one's checkpoints
+  train_all full_finetune_distributed sft64k "${sft_args[@]}"
+fi
 if runs dpo; then
   train_all full_dpo_distributed dpo "${dpo_args[@]}"
 fi
@@ -90,8 +94,9 @@ if runs heldout; then
   stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
   python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device "${DEVICE:-cuda}" --sequences 16 \
     --seq-len 1024 --checkpoint mla_healed="$work/heal_mla_256/epoch_1" \
-    --checkpoint mla_sft="$work/long_sft_mla/epoch_0" --checkpoint mla_dpo="$work/long_dpo_mla/epoch_0" \
-    --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
+    --checkpoint mla_sft="$work/long_sft_mla/epoch_0" --checkpoint mla_sft64k="$work/long_sft64k_mla/epoch_0" \
+    --checkpoint mla_dpo="$work/long_dpo_mla/epoch_0" --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" \
+    --checkpoint gqa_sft64k="$work/long_sft64k_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
     > "$results/heldout.json"
 fi
 if runs anchors; then

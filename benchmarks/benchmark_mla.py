@@ -4,6 +4,7 @@
     python benchmarks/benchmark_mla.py --sweep --json sweep.json   # stage-1 launch configs, per shape
     python benchmarks/benchmark_mla.py --fp8 --json fp8.json       # Triton over the bf16 vs the fp8 cache
     python benchmarks/benchmark_mla.py --host-overhead --json host.json  # host µs per eager call, by part
+    python benchmarks/benchmark_mla.py --host-python                     # the Python around the launches (any host)
 
 Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
 latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:
@@ -397,6 +398,41 @@ def host_overhead(args) -> list[dict]:
     return rows
 
 
+def host_python(args) -> list[dict]:
+    """Host µs per ``mla_decode`` call with its two Triton launches replaced by no-ops: the Python around them
+    (input checks, config, launch geometry, allocations), measured on CPU tensors so that any machine runs it.
+    Median over ``--repeats`` loops of ``HOST_CALLS`` calls."""
+    import mla_kernels.mla_decode as decode_module
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *launch_args, **launch_kwargs: None
+
+    kernels = decode_module._mla_decode_stage1, decode_module._mla_decode_stage2
+    decode_module._mla_decode_stage1 = decode_module._mla_decode_stage2 = NoLaunch()
+    rows = []
+    try:
+        for batch, length in HOST_SHAPES:
+            cache = torch.randn(batch, length, D_C + D_R, dtype=torch.bfloat16)
+            c_kv, k_pe = cache[..., :D_C], cache[..., D_C:]
+            q_lat = torch.randn(batch, 16, D_C, dtype=torch.bfloat16)
+            q_pe = torch.randn(batch, 16, D_R, dtype=torch.bfloat16)
+            lens = torch.full((batch,), length, dtype=torch.int32)
+            for _ in range(HOST_CALLS):
+                mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE)
+            times = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                for _ in range(HOST_CALLS):
+                    mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE)
+                times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
+            rows.append(dict(batch=batch, length=length, python_us=statistics.median(times)))
+            print(f"{batch}x{length}: {rows[-1]['python_us']:.1f} us/call of Python around the launches", flush=True)
+    finally:
+        decode_module._mla_decode_stage1, decode_module._mla_decode_stage2 = kernels
+    return rows
+
+
 def print_row(row: dict) -> None:
     def cell(name):
         r = row.get(name)
@@ -424,10 +460,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true", help="Triton over the bf16 vs the fp8 latent cache")
     parser.add_argument("--fp8-sweep", action="store_true", help="with --fp8: also the FP8_SWEEP_CONFIGS")
     parser.add_argument("--host-overhead", action="store_true", help="host µs per eager mla_decode call, by part")
+    parser.add_argument("--host-python", action="store_true", help="the Python of an mla_decode call, launches off")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.heads = args.heads or ([16] if args.fp8 else [16, 128])
     args.shapes = args.shapes or (FP8_SHAPES if args.fp8 else SHAPES)
+    if args.host_python:
+        result = dict(torch=torch.__version__, host_python=host_python(args), args=vars(args))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     if not torch.cuda.is_available():
         print("benchmark_mla needs a CUDA device", file=sys.stderr)
         return 2

@@ -136,7 +136,7 @@ if runs delta; then
   fi
   python3 -m mla_components.checkpointing.delta extract --base "$work/mla_256_cpu/model" \
     --tuned "$work/long_dpo_mla/epoch_0" --output "$results/mla_dpo_delta.safetensors" --max-mb "${DELTA_MB:-20}" \
-    --base-recipe "tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu" | tee "$results/delta_report.json"
+    --device "${DEVICE:-cuda}" --base-recipe "tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu" | tee "$results/delta_report.json"
   python3 -m mla_components.checkpointing.delta apply --base "$work/mla_256_cpu/model" \
     --delta "$results/mla_dpo_delta.safetensors" --output "$work/long_dpo_mla_delta"
   passkey "${MODEL_NAMES:-mla_dpo,mla_dpo_delta}" "$results/passkey_delta" prompt_format=landmark \

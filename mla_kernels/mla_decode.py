@@ -120,6 +120,41 @@ def choose_num_splits(
     return max(1, min(wanted, by_length, max_splits))
 
 
+@dataclass(frozen=True)
+class _Geometry:
+    """Block sizes, grids and splits of one call shape, derived once per shape (:func:`_geometry`)."""
+
+    block_h: int  # heads per stage-1 program
+    head_blocks: int
+    splits: int  # KV splits per sequence; 1 = stage 1 writes the output itself
+    latent_block: int  # BLOCK_C of stage 1
+    rope_block: int  # BLOCK_R of stage 1
+    combine_block: int  # latent values per stage-2 program
+    split_block: int  # splits per stage-2 iteration
+    all_splits_block: int
+
+
+@functools.lru_cache(maxsize=1024)  # triton's cdiv / next_power_of_2 cost ~4 µs each per call (constexpr unwrapping)
+def _geometry(
+    num_heads: int, d_c: int, d_r: int, rows: int, max_len: int, sms: int, config: DecodeConfig, num_splits: int | None
+) -> _Geometry:
+    block_h = max(MMA_MIN_ROWS, min(config.block_h, triton.next_power_of_2(num_heads)))
+    head_blocks = triton.cdiv(num_heads, block_h)
+    splits = num_splits or choose_num_splits(rows, head_blocks, max_len, sms, config)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
+    return _Geometry(
+        block_h=block_h,
+        head_blocks=head_blocks,
+        splits=splits,
+        latent_block=max(MMA_MIN_ROWS, triton.next_power_of_2(d_c)),
+        rope_block=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
+        combine_block=min(64, triton.next_power_of_2(d_c)),
+        split_block=min(32, triton.next_power_of_2(splits)),
+        all_splits_block=triton.next_power_of_2(splits),
+    )
+
+
 _NUM_SMS: dict[int, int] = {}
 _LAST_STAGE1: dict = {}
 
@@ -573,17 +608,13 @@ def mla_decode(
     paged = block_table is not None
     page_size = c_kv.shape[1] if paged else 1
     max_len = block_table.shape[1] * page_size if paged else c_kv.shape[1]
-    cfg = config or default_config(num_heads, rows, num_sms(q_latent.device), max_len, fp8=c_kv_scale is not None)
+    device = q_latent.device
+    sms = num_sms(device)
+    cfg = config or default_config(num_heads, rows, sms, max_len, fp8=c_kv_scale is not None)
+    geo = _geometry(num_heads, d_c, d_r, rows, max_len, sms, cfg, num_splits)
+    splits = geo.splits
     batch = block_table.shape[0] if paged else c_kv.shape[0]
     queries_per_seq = rows // batch
-    block_h = max(MMA_MIN_ROWS, min(cfg.block_h, triton.next_power_of_2(num_heads)))
-    head_blocks = triton.cdiv(num_heads, block_h)
-    splits = num_splits or choose_num_splits(rows, head_blocks, max_len, num_sms(q_latent.device), cfg)
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
-
-    latent_block = max(MMA_MIN_ROWS, triton.next_power_of_2(d_c))
-    device = q_latent.device
     seq_lens = seq_lens.to(torch.int32)
     if paged:
         block_table = block_table.to(torch.int32)
@@ -591,13 +622,13 @@ def mla_decode(
     lse = torch.empty(rows, num_heads, device=device, dtype=torch.float32)
     if splits == 1:
         part_out, part_lse = out, lse
-        po_strides = (out.stride(0), out.stride(1), 0)
-        pl_strides = (lse.stride(0), lse.stride(1))
+        po_strides = (*out.stride()[:2], 0)
+        pl_strides = lse.stride()[:2]
     else:
         part_out = torch.empty(rows, num_heads, splits, d_c, device=device, dtype=torch.float32)
         part_lse = torch.empty(rows, num_heads, splits, device=device, dtype=torch.float32)
-        po_strides = (part_out.stride(0), part_out.stride(1), part_out.stride(2))
-        pl_strides = (part_lse.stride(0), part_lse.stride(1))
+        po_strides = part_out.stride()[:3]
+        pl_strides = part_lse.stride()[:2]
 
     if key_mask is not None:
         mask_u8 = key_mask.view(torch.uint8)
@@ -608,7 +639,7 @@ def mla_decode(
     else:
         mask_u8, km_strides = seq_lens, (0, 0, 0)  # never read (HAS_MASK=False)
 
-    compiled = _mla_decode_stage1[(head_blocks, splits, rows)](
+    compiled = _mla_decode_stage1[(geo.head_blocks, splits, rows)](
         q_latent,
         q_pe,
         c_kv,
@@ -639,9 +670,9 @@ def mla_decode(
         *pl_strides,
         D_C=d_c,
         D_R=d_r,
-        BLOCK_C=latent_block,
-        BLOCK_R=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
-        BLOCK_H=block_h,
+        BLOCK_C=geo.latent_block,
+        BLOCK_R=geo.rope_block,
+        BLOCK_H=geo.block_h,
         BLOCK_N=cfg.block_n,
         MIN_SPLIT=max(cfg.block_n, cfg.min_split_tokens),
         PAGE_SIZE=page_size,
@@ -660,8 +691,7 @@ def mla_decode(
     )
     _LAST_STAGE1["kernel"] = compiled
     if splits > 1:
-        block_c = min(64, triton.next_power_of_2(d_c))
-        _mla_decode_stage2[(rows, num_heads, triton.cdiv(d_c, block_c))](
+        _mla_decode_stage2[(rows, num_heads, -(-d_c // geo.combine_block))](
             part_out,
             part_lse,
             out,
@@ -669,14 +699,12 @@ def mla_decode(
             splits,
             *po_strides,
             *pl_strides,
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            lse.stride(1),
+            *out.stride()[:2],
+            *lse.stride()[:2],
             D_C=d_c,
-            BLOCK_C=block_c,
-            BLOCK_S=min(32, triton.next_power_of_2(splits)),
-            BLOCK_ALL_S=triton.next_power_of_2(splits),
+            BLOCK_C=geo.combine_block,
+            BLOCK_S=geo.split_block,
+            BLOCK_ALL_S=geo.all_splits_block,
             num_warps=4,
         )
     return out, lse

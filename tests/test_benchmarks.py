@@ -3,6 +3,7 @@ configs they launch through the installed ``mla_recipes.configs``, never through
 
 import ast
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +25,8 @@ def test_the_moved_benchmarks_are_here_and_not_in_the_packages():
     names = {p.stem for p in SCRIPTS}
     assert {"benchmark_mla", "benchmark_decode_e2e", "train_benchmark", "passkey_study", "kv_cache_report"} <= names
     root = BENCHMARKS.parent
-    for gone in ("kernels/benchmark_mla.py", "kernels/benchmark_decode_e2e.py", "mla_components/train_benchmark.py",
-                 "mla_components/evaluation/passkey_study.py"):  # fmt: skip
+    for gone in ("mla_kernels/benchmark_mla.py", "mla_kernels/benchmark_decode_e2e.py",
+                 "mla_components/train_benchmark.py", "mla_components/evaluation/passkey_study.py"):  # fmt: skip
         assert not (root / gone).exists(), gone
 
 
@@ -55,3 +56,18 @@ def test_kv_cache_report_runs_from_another_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mla_1b_fp8" in proc.stdout and "18,432" in proc.stdout
+
+
+def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
+    """``benchmark_mla.py --host-python``: the Python of an ``mla_decode`` call with the launches off, per shape."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "benchmark_mla.py"), "--host-python", "--repeats", "2", "--json", "h.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "h.json").read_text())["host_python"]
+    assert [(r["batch"], r["length"]) for r in rows] == [(1, 256), (1, 4096)]
+    assert all(0 < r["python_us"] < 10_000 for r in rows)

@@ -120,9 +120,13 @@ class Change:
     total_energy: float  # sum of ||dW||^2 over every tensor
 
 
-def decompose_change(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> Change:
+def decompose_change(
+    base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], device: str | torch.device = "cpu"
+) -> Change:
     """Check that ``base`` and ``tuned`` (HF state dicts) have the same tensors and shapes, and decompose the change.
-    The change is taken against the base rounded as the tuned weights are (bf16): the rounding is no change."""
+    The change is taken against the base rounded as the tuned weights are (bf16): the rounding is no change.
+    ``device`` runs the SVDs (a GPU takes seconds for the 135M model where two CPU cores take minutes); the
+    decomposition comes back on the CPU."""
     if set(base) != set(tuned):
         raise ValueError(
             f"base and tuned checkpoints have different tensors: only in base {sorted(set(base) - set(tuned))[:3]}, "
@@ -140,7 +144,7 @@ def decompose_change(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tenso
         if energy == 0.0:
             continue
         if change.ndim == 2 and min(change.shape) >= MIN_LOW_RANK:
-            u, s, vh = torch.linalg.svd(change, full_matrices=False)
+            u, s, vh = (f.cpu() for f in torch.linalg.svd(change.to(device), full_matrices=False))
             matrices.append(_Matrix(name, u, s, vh, energy))
         else:
             whole[name] = change.contiguous()
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ext.add_argument("--max-mb", type=float, default=20.0, help="largest file size, MB of 10^6 bytes (default 20)")
     ext.add_argument("--bits", type=int, choices=(8, 16), default=8, help="factor precision (default int8)")
     ext.add_argument("--base-recipe", required=True, help="how a user rebuilds --base (stored, printed by inspect)")
+    ext.add_argument("--device", default="cpu", help="where the SVDs run, e.g. cuda (default cpu)")
     app = sub.add_parser("apply", help="base HF directory + delta file -> tuned HF directory")
     app.add_argument("--base", required=True, type=Path)
     app.add_argument("--delta", required=True, type=Path)
@@ -315,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "extract":
         if args.max_mb <= 0:
             parser.error(f"--max-mb must be positive, got {args.max_mb}")
+        try:
+            torch.empty(0, device=args.device)
+        except (RuntimeError, AssertionError) as e:  # an unknown name, or a device this torch build cannot use
+            parser.error(f"--device {args.device} cannot be used here ({str(e).splitlines()[0]}); use --device cpu")
         base, tuned, config = read_safetensors(args.base), read_safetensors(args.tuned), read_config(args.tuned)
         fingerprint = fingerprint_state(base)
         cap = int(args.max_mb * 1e6)
         # first guess at the header (names, offsets) and metadata; corrected from the size of the file written
         overhead = len(json.dumps(fingerprint)) + len(json.dumps(config)) + len(args.base_recipe) + 1024 * len(base)
         budget = cap - overhead
-        change = decompose_change(base, tuned)
+        change = decompose_change(base, tuned, args.device)
         for _ in range(3):
             tensors, report = compress_change(change, budget, bits=args.bits)
             save_delta(args.output, tensors, fingerprint, config, args.base_recipe, report)

@@ -17,6 +17,7 @@ require_module("triton", 'pip install -e ".[triton]"')
 from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8  # noqa: E402
 from mla_kernels.mla_decode import (  # noqa: E402
     DecodeConfig,
+    _geometry,
     choose_num_splits,
     decode_bytes,
     default_config,
@@ -163,6 +164,21 @@ def test_split_heuristic_fills_the_gpu_and_respects_lengths():
     assert default_config(16, 1, 132, 131072).ctas_per_sm == 1
     # H=128 in 8 head blocks needs fewer splits per sequence
     assert choose_num_splits(1, 8, 131072, 132, cfg) == 33
+
+
+def test_launch_geometry_is_derived_once_per_shape():
+    """Block sizes, grids and splits come from one cache lookup per call after the first call of a shape (the
+    decode step's host time); another shape, config or split count is another entry."""
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 32, 16, 2, 40, "cpu", seed=4)
+    lens = torch.tensor([40, 7], dtype=torch.int32)
+    _geometry.cache_clear()
+    for _ in range(3):
+        mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, config=SMALL)
+    assert (_geometry.cache_info().misses, _geometry.cache_info().hits) == (1, 2)
+    mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, config=SMALL, num_splits=2)
+    mla_decode(q_latent[:, :2], q_pe[:, :2], c_kv, k_pe, lens, 0.3, config=SMALL)
+    assert _geometry.cache_info().misses == 3
+    assert _geometry(3, 32, 16, 2, 40, 8, SMALL, 2).splits == 2
 
 
 @pytest.mark.gpu

@@ -11,6 +11,8 @@ from mla_components.checkpointing._hf_format import read_config, read_safetensor
 from mla_components.checkpointing.delta import (
     apply_delta,
     check_base,
+    compress_change,
+    decompose_change,
     extract_delta,
     fingerprint_state,
     load_delta,
@@ -178,3 +180,23 @@ def test_bad_arguments_are_named(base_dir, tmp_path):
         load_delta(tmp_path / "missing.safetensors")
     with pytest.raises(SystemExit):
         main(["extract", "--base", "a", "--tuned", "b", "--output", "c", "--max-mb", "0", "--base-recipe", "r"])
+
+
+def test_cli_refuses_a_device_it_cannot_use_before_reading_checkpoints(tmp_path, capsys):
+    device = "cuda" if not torch.cuda.is_available() else "nope"
+    missing = tmp_path / "never-read"
+    args = ["extract", "--base", str(missing), "--tuned", str(missing), "--output", str(tmp_path / "d.safetensors")]
+    with pytest.raises(SystemExit):
+        main([*args, "--base-recipe", "r", "--device", device])
+    assert f"--device {device} cannot be used here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_svds_on_the_gpu_store_the_same_change(base_dir):
+    base = read_safetensors(base_dir)
+    tuned = low_rank_change(base, 3, 0.02, seed=5)
+    stored = {}
+    for device in ("cpu", "cuda"):
+        tensors, _ = compress_change(decompose_change(base, tuned, device), 2**20)
+        stored[device] = apply_delta(base, tensors, torch.float32)
+    assert relative_error(stored["cuda"], stored["cpu"]) < 1e-3

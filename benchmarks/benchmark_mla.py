@@ -3,8 +3,8 @@
     python benchmarks/benchmark_mla.py --json results.json         # the table of docs/results/kernels.md
     python benchmarks/benchmark_mla.py --sweep --json sweep.json   # stage-1 launch configs, per shape
     python benchmarks/benchmark_mla.py --fp8 --json fp8.json       # Triton over the bf16 vs the fp8 cache
-    python benchmarks/benchmark_mla.py --host-overhead --json host.json  # host µs per eager call, by part
-    python benchmarks/benchmark_mla.py --host-python                     # the Python around the launches (any host)
+    python benchmarks/benchmark_mla.py --host-overhead --json host.json  # host µs per eager call vs Triton's launch
+    python benchmarks/benchmark_mla.py --host-python                     # all Python of a call (CPU, driver stubbed)
 
 Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
 latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:
@@ -39,6 +39,7 @@ from mla_components.modules.attention import absorbed_attention_torch
 from mla_kernels.fp8 import quantize_latent_fp8
 from mla_kernels.mla_decode import (
     DecodeConfig,
+    choose_num_splits,
     decode_bytes,
     decode_flops,
     default_config,
@@ -352,7 +353,7 @@ def _per_call_us(fn, repeats: int) -> float:
 
 
 def _host_row(batch: int, length: int, repeats: int) -> dict:
-    from mla_kernels.mla_decode import _check_inputs, choose_num_splits
+    import mla_kernels.mla_decode as decode_module
 
     p = make_problem(batch, length, 16)
     q_lat, q_pe = p["q_latent"].view(batch, 16, D_C), p["q_pe"].reshape(batch, 16, D_R)
@@ -360,38 +361,59 @@ def _host_row(batch: int, length: int, repeats: int) -> dict:
     c_kv, k_pe, lens, device = p["c_kv"], p["k_pe"], p["seq_lens"], q_lat.device
     sms = num_sms(device)
     splits = choose_num_splits(batch, 1, length, sms, default_config(16, batch, sms, length))
-    scratch = [(batch, 16, D_C), (batch, 16), (batch, 16, splits, D_C), (batch, 16, splits)]
+    launchers = decode_module._STAGE1, decode_module._STAGE2
+
+    def triton_launches(call):  # the same call through Triton's own kernel[grid](...) launches
+        def run():
+            for launcher in launchers:
+                launcher.compiled_launch = False
+            try:
+                call()
+            finally:
+                for launcher in launchers:
+                    launcher.compiled_launch = True
+
+        return run
+
+    def bf16():
+        mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE)
+
+    def fp8():
+        mla_decode(q_lat, q_pe, f["c_kv"], f["k_pe"], lens, SOFTMAX_SCALE, c_kv_scale=f["c_kv_scale"])
+
+    scratch = [((batch, 16, D_C), q_lat.dtype), ((batch, 16), torch.float32)]
+    if splits > 1:
+        scratch.append(((batch * 16 * splits * (D_C + 1),), torch.float32))
     parts = dict(
-        mla_decode_us=lambda: mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE),
-        mla_decode_fp8_us=lambda: mla_decode(
-            q_lat, q_pe, f["c_kv"], f["k_pe"], lens, SOFTMAX_SCALE, c_kv_scale=f["c_kv_scale"]
-        ),
-        checks_us=lambda: _check_inputs(q_lat, q_pe, c_kv, k_pe, lens, None, None),
-        config_and_splits_us=lambda: choose_num_splits(batch, 1, length, sms, default_config(16, batch, sms, length)),
-        allocations_us=lambda: [torch.empty(shape, device=device, dtype=torch.float32) for shape in scratch],
+        mla_decode_us=bf16,
+        mla_decode_triton_launch_us=triton_launches(bf16),
+        mla_decode_fp8_us=fp8,
+        mla_decode_fp8_triton_launch_us=triton_launches(fp8),
+        allocations_us=lambda: [torch.empty(shape, device=device, dtype=dtype) for shape, dtype in scratch],
     )
     row = dict(batch=batch, length=length, splits=splits, calls_per_loop=HOST_CALLS)
     row.update({name: _per_call_us(fn, repeats) for name, fn in parts.items()})
-    row["launches_us"] = row["mla_decode_us"] - row["checks_us"] - row["config_and_splits_us"] - row["allocations_us"]
+    for name in ("mla_decode", "mla_decode_fp8"):
+        row[f"{name}_speedup"] = row[f"{name}_triton_launch_us"] / row[f"{name}_us"]
     return row
 
 
 def host_overhead(args) -> list[dict]:
-    """Host microseconds per eager ``mla_decode`` call (issue 17's <= 15 µs goal) and per part of it.
+    """Host microseconds per eager ``mla_decode`` call (issue 17's <= 15 µs goal), launched through the compiled
+    kernels (``mla_kernels.triton_launch``, the default) and, side by side, through Triton's own launches.
 
     The problem is tiny (16 heads, ``HOST_SHAPES``), so the GPU finishes each launch before the host issues the
     next and a loop of calls without a sync measures the host alone: median over ``--repeats`` loops of
-    ``HOST_CALLS`` calls. Parts: the input checks, the config and split choice, the output and scratch
-    allocations, and what remains (the Triton launches: argument binding, specialisation, the driver call)."""
+    ``HOST_CALLS`` calls. Also timed alone: the call's output and scratch allocations."""
     rows = []
     for batch, length in HOST_SHAPES:
         row = _host_row(batch, length, args.repeats)
         rows.append(row)
         print(
-            f"{batch}x{length} splits={row['splits']}: mla_decode {row['mla_decode_us']:.1f} us/call (fp8 "
-            f"{row['mla_decode_fp8_us']:.1f}) = checks {row['checks_us']:.1f} + config "
-            f"{row['config_and_splits_us']:.1f} + allocations {row['allocations_us']:.1f} + launches "
-            f"{row['launches_us']:.1f}",
+            f"{batch}x{length} splits={row['splits']}: mla_decode {row['mla_decode_us']:.1f} us/call vs "
+            f"{row['mla_decode_triton_launch_us']:.1f} through Triton's launches ({row['mla_decode_speedup']:.1f}x); "
+            f"fp8 cache {row['mla_decode_fp8_us']:.1f} vs {row['mla_decode_fp8_triton_launch_us']:.1f}; "
+            f"allocations alone {row['allocations_us']:.1f}",
             flush=True,
         )
         torch.cuda.empty_cache()
@@ -399,17 +421,39 @@ def host_overhead(args) -> list[dict]:
 
 
 def host_python(args) -> list[dict]:
-    """Host µs per ``mla_decode`` call with its two Triton launches replaced by no-ops: the Python around them
-    (input checks, config, launch geometry, allocations), measured on CPU tensors so that any machine runs it.
-    Median over ``--repeats`` loops of ``HOST_CALLS`` calls."""
+    """Host µs per ``mla_decode`` call on CPU tensors, so that any machine runs it. ``python_us``: everything but
+    the driver call (the compiled-launch path of ``mla_kernels.triton_launch``, forced on for CPU tensors, with a
+    stand-in compiled kernel whose launcher returns at once); ``around_launches_us``: the launches replaced by
+    no-ops. Median over ``--repeats`` loops of ``HOST_CALLS`` calls."""
     import mla_kernels.mla_decode as decode_module
+    import mla_kernels.triton_launch as launch_module
+    from mla_kernels.triton_launch import CompiledLauncher
 
-    class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *launch_args, **launch_kwargs: None
+    class CompiledStandIn:  # the attributes CompiledLauncher reads of a Triton CompiledKernel
+        function = 0
+        packed_metadata = (4, 1, 0)
 
-    kernels = decode_module._mla_decode_stage1, decode_module._mla_decode_stage2
-    decode_module._mla_decode_stage1 = decode_module._mla_decode_stage2 = NoLaunch()
+        @staticmethod
+        def run(*launch_args) -> None:
+            return None
+
+    def per_call_us(call) -> float:
+        for _ in range(HOST_CALLS):
+            call()
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _ in range(HOST_CALLS):
+                call()
+            times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
+        return statistics.median(times)
+
+    launchers = decode_module._STAGE1, decode_module._STAGE2
+    device, stream, launch = launch_module.current_device, launch_module.current_stream, CompiledLauncher.__call__
+    launch_module.current_device, launch_module.current_stream = (lambda: 0), (lambda device_index: 0)
+    for launcher in launchers:
+        launcher._launches_compiled = lambda tensor: True
+        launcher._compile = lambda *compile_args: CompiledStandIn
     rows = []
     try:
         for batch, length in HOST_SHAPES:
@@ -418,18 +462,27 @@ def host_python(args) -> list[dict]:
             q_lat = torch.randn(batch, 16, D_C, dtype=torch.bfloat16)
             q_pe = torch.randn(batch, 16, D_R, dtype=torch.bfloat16)
             lens = torch.full((batch,), length, dtype=torch.int32)
-            for _ in range(HOST_CALLS):
+
+            def call(q_lat=q_lat, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe, lens=lens):
                 mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE)
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                for _ in range(HOST_CALLS):
-                    mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE)
-                times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
-            rows.append(dict(batch=batch, length=length, python_us=statistics.median(times)))
-            print(f"{batch}x{length}: {rows[-1]['python_us']:.1f} us/call of Python around the launches", flush=True)
+
+            row = dict(batch=batch, length=length, python_us=per_call_us(call))
+            CompiledLauncher.__call__ = lambda self, *launch_args: None
+            try:
+                row["around_launches_us"] = per_call_us(call)
+            finally:
+                CompiledLauncher.__call__ = launch
+            rows.append(row)
+            print(
+                f"{batch}x{length}: {row['python_us']:.1f} us/call of Python (launches included), "
+                f"{row['around_launches_us']:.1f} around the launches",
+                flush=True,
+            )
     finally:
-        decode_module._mla_decode_stage1, decode_module._mla_decode_stage2 = kernels
+        launch_module.current_device, launch_module.current_stream = device, stream
+        for launcher in launchers:
+            del launcher._launches_compiled, launcher._compile
+            launcher._kernels.clear()
     return rows
 
 
@@ -460,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8", action="store_true", help="Triton over the bf16 vs the fp8 latent cache")
     parser.add_argument("--fp8-sweep", action="store_true", help="with --fp8: also the FP8_SWEEP_CONFIGS")
     parser.add_argument("--host-overhead", action="store_true", help="host µs per eager mla_decode call, by part")
-    parser.add_argument("--host-python", action="store_true", help="the Python of an mla_decode call, launches off")
+    parser.add_argument("--host-python", action="store_true", help="the Python of an mla_decode call (CPU)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.heads = args.heads or ([16] if args.fp8 else [16, 128])

@@ -35,7 +35,6 @@ bits than bf16's); fp16 queries always take the fp16 path, fp32 queries fp32 dot
 RMS-normed latents of these models are O(1-10). Use ``fp8_mma="bf16"`` for latents beyond that.
 """
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +42,7 @@ import triton
 import triton.language as tl
 
 from mla_kernels.fp8 import FP8_GROUP_SIZE
+from mla_kernels.triton_launch import CompiledLauncher
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -80,7 +80,6 @@ class DecodeConfig:
             raise ValueError(f"config.fp8_mma must be 'bf16' or 'fp16', got {self.fp8_mma!r}")
 
 
-@functools.lru_cache(maxsize=1024)  # called once per decode step and layer: the host time is the cost
 def default_config(num_heads: int, rows: int, num_sms: int, max_len: int, fp8: bool = False) -> DecodeConfig:
     """Launch parameters from two H100 sweeps (``docs/results/kernels.md``).
 
@@ -102,7 +101,6 @@ def default_config(num_heads: int, rows: int, num_sms: int, max_len: int, fp8: b
     return DecodeConfig(block_h=64, block_n=32, num_warps=8, num_stages=2, ctas_per_sm=1)
 
 
-@functools.lru_cache(maxsize=1024)
 def choose_num_splits(
     rows: int, head_blocks: int, max_len: int, num_sms: int, config: DecodeConfig, max_splits: int = MAX_SPLITS
 ) -> int:
@@ -122,7 +120,7 @@ def choose_num_splits(
 
 @dataclass(frozen=True)
 class _Geometry:
-    """Block sizes, grids and splits of one call shape, derived once per shape (:func:`_geometry`)."""
+    """Block sizes, grids and splits of one call shape (:func:`_geometry`)."""
 
     block_h: int  # heads per stage-1 program
     head_blocks: int
@@ -134,7 +132,6 @@ class _Geometry:
     all_splits_block: int
 
 
-@functools.lru_cache(maxsize=1024)  # triton's cdiv / next_power_of_2 cost ~4 µs each per call (constexpr unwrapping)
 def _geometry(
     num_heads: int, d_c: int, d_r: int, rows: int, max_len: int, sms: int, config: DecodeConfig, num_splits: int | None
 ) -> _Geometry:
@@ -156,15 +153,6 @@ def _geometry(
 
 
 _NUM_SMS: dict[int, int] = {}
-_LAST_STAGE1: dict = {}
-
-
-def last_stage1_report() -> dict:
-    """Registers, spills and shared memory of the most recent stage-1 launch (the compiler's view; GPU only)."""
-    kernel = _LAST_STAGE1.get("kernel")
-    if kernel is None or not hasattr(kernel, "n_regs"):
-        return {}
-    return dict(n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared_bytes=kernel.metadata.shared)
 
 
 def num_sms(device: torch.device) -> int:
@@ -602,72 +590,125 @@ def mla_decode(
         ``(out [R, H, d_c]`` in the input dtype, ``lse [R, H]`` fp32, natural log of the sum of exp(scores)).
         A row with no key gets ``out = 0`` and ``lse = -inf``.
     """
-    _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale)
+    key = (
+        _meta(q_latent),
+        _meta(q_pe),
+        _meta(c_kv),
+        _meta(k_pe),
+        _meta(seq_lens),
+        _meta(c_kv_scale),
+        _meta(block_table),
+        _meta(key_mask),
+        num_splits,
+        config,
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale)
+        plan = _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+
+    device = q_latent.device
+    if plan.convert_lens:
+        seq_lens = seq_lens.to(torch.int32)
+    if block_table is None:
+        block_table = seq_lens  # never read (PAGED=False)
+    elif plan.convert_table:
+        block_table = block_table.to(torch.int32)
+    key_mask = seq_lens if key_mask is None else key_mask.view(torch.uint8)  # never read without HAS_MASK
+    out = torch.empty(plan.out_shape, device=device, dtype=q_latent.dtype)
+    lse = torch.empty(plan.out_shape[:2], device=device, dtype=torch.float32)
+    if plan.splits == 1:
+        part_out, part_lse = out, lse
+    else:  # one fp32 scratch: the partial outputs [R, H, S, d_c], then their log2-sum-exps [R, H, S]
+        part_out = torch.empty(plan.scratch_numel, device=device, dtype=torch.float32)
+        part_lse = part_out[plan.part_lse_offset :]
+    _STAGE1(
+        plan,
+        plan.grid1,
+        (q_latent, q_pe, c_kv, k_pe, c_kv if c_kv_scale is None else c_kv_scale, seq_lens, block_table, key_mask,
+         part_out, part_lse),
+        (softmax_scale * LOG2E, *plan.stage1_ints),
+        plan.stage1_constexprs,
+        plan.stage1_options,
+    )  # fmt: skip
+    if plan.splits > 1:
+        _STAGE2(plan, plan.grid2, (part_out, part_lse, out, lse), plan.stage2_ints, plan.stage2_constexprs, {})
+    return out, lse
+
+
+def _meta(t: torch.Tensor | None) -> tuple | None:
+    """What the checks and the launch read of a tensor (a plan's key): never its data."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one plan object per key of ``_PLANS``
+class _Plan:
+    """Everything of an ``mla_decode`` call that follows from its tensors' shapes, strides, dtypes and device."""
+
+    out_shape: tuple[int, int, int]  # [R, H, d_c]
+    scratch_numel: int  # fp32 values of the split partials (R * H * splits * (d_c + 1); unused with one split)
+    part_lse_offset: int  # where the partial log2-sum-exps start in it
+    splits: int
+    convert_lens: bool  # seq_lens is not int32
+    convert_table: bool  # block_table is not int32
+    grid1: tuple[int, int, int]
+    stage1_ints: tuple  # the stage-1 scalars after qk_scale
+    stage1_constexprs: tuple
+    stage1_options: dict
+    grid2: tuple[int, int, int]
+    stage2_ints: tuple
+    stage2_constexprs: tuple
+
+
+MAX_PLANS = 1024
+_PLANS: dict[tuple, _Plan] = {}
+_STAGE1 = CompiledLauncher(_mla_decode_stage1)
+_STAGE2 = CompiledLauncher(_mla_decode_stage2)
+
+
+def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config) -> _Plan:
     rows, num_heads, d_c = q_latent.shape
     d_r = q_pe.shape[2]
     paged = block_table is not None
     page_size = c_kv.shape[1] if paged else 1
     max_len = block_table.shape[1] * page_size if paged else c_kv.shape[1]
-    device = q_latent.device
-    sms = num_sms(device)
-    cfg = config or default_config(num_heads, rows, sms, max_len, fp8=c_kv_scale is not None)
+    sms = num_sms(q_latent.device)
+    fp8 = c_kv_scale is not None
+    cfg = config or default_config(num_heads, rows, sms, max_len, fp8=fp8)
     geo = _geometry(num_heads, d_c, d_r, rows, max_len, sms, cfg, num_splits)
     splits = geo.splits
     batch = block_table.shape[0] if paged else c_kv.shape[0]
     queries_per_seq = rows // batch
-    seq_lens = seq_lens.to(torch.int32)
-    if paged:
-        block_table = block_table.to(torch.int32)
-    out = torch.empty(rows, num_heads, d_c, device=device, dtype=q_latent.dtype)
-    lse = torch.empty(rows, num_heads, device=device, dtype=torch.float32)
+    out_strides = (num_heads * d_c, d_c)  # contiguous [R, H, d_c] and [R, H] outputs, allocated per call
+    lse_strides = (num_heads, 1)
     if splits == 1:
-        part_out, part_lse = out, lse
-        po_strides = (*out.stride()[:2], 0)
-        pl_strides = lse.stride()[:2]
+        po_strides, pl_strides = (*out_strides, 0), lse_strides
     else:
-        part_out = torch.empty(rows, num_heads, splits, d_c, device=device, dtype=torch.float32)
-        part_lse = torch.empty(rows, num_heads, splits, device=device, dtype=torch.float32)
-        po_strides = part_out.stride()[:3]
-        pl_strides = part_lse.stride()[:2]
-
-    if key_mask is not None:
-        mask_u8 = key_mask.view(torch.uint8)
-        if key_mask.ndim == 2:  # row r = b * qps + s
-            km_strides = (mask_u8.stride(0) * queries_per_seq, mask_u8.stride(0), mask_u8.stride(1))
-        else:
-            km_strides = tuple(mask_u8.stride())
+        po_strides, pl_strides = (num_heads * splits * d_c, splits * d_c, d_c), (num_heads * splits, splits)
+    if key_mask is None:
+        km_strides = (0, 0, 0)
+    elif key_mask.ndim == 2:  # row r = b * qps + s
+        km_strides = (key_mask.stride(0) * queries_per_seq, key_mask.stride(0), key_mask.stride(1))
     else:
-        mask_u8, km_strides = seq_lens, (0, 0, 0)  # never read (HAS_MASK=False)
-
-    compiled = _mla_decode_stage1[(geo.head_blocks, splits, rows)](
-        q_latent,
-        q_pe,
-        c_kv,
-        k_pe,
-        c_kv if c_kv_scale is None else c_kv_scale,  # never read without FP8
-        seq_lens,
-        block_table if paged else seq_lens,
-        mask_u8,
-        part_out,
-        part_lse,
-        softmax_scale * LOG2E,
+        km_strides = tuple(key_mask.stride())
+    stage1_ints = (
         num_heads,
         queries_per_seq,
         splits,
-        q_latent.stride(0),
-        q_latent.stride(1),
-        q_pe.stride(0),
-        q_pe.stride(1),
-        c_kv.stride(0),
-        c_kv.stride(1),
-        k_pe.stride(0),
-        k_pe.stride(1),
-        0 if c_kv_scale is None else c_kv_scale.stride(0),
-        0 if c_kv_scale is None else c_kv_scale.stride(1),
+        *q_latent.stride()[:2],
+        *q_pe.stride()[:2],
+        *c_kv.stride()[:2],
+        *k_pe.stride()[:2],
+        *((0, 0) if c_kv_scale is None else c_kv_scale.stride()[:2]),
         block_table.stride(0) if paged else 0,
         *km_strides,
         *po_strides,
         *pl_strides,
+    )
+    stage1_constexprs = _STAGE1.constexpr_values(
         D_C=d_c,
         D_R=d_r,
         BLOCK_C=geo.latent_block,
@@ -681,33 +722,37 @@ def mla_decode(
         DIRECT=splits == 1,
         IEEE=q_latent.dtype == torch.float32,
         NUM_STAGES=cfg.num_stages,
-        FP8=c_kv_scale is not None,
+        FP8=fp8,
         GROUP=FP8_GROUP_SIZE,
         NUM_GROUPS=d_c // FP8_GROUP_SIZE,
-        FP8_F16=c_kv_scale is not None
+        FP8_F16=fp8
         and (q_latent.dtype == torch.float16 or (cfg.fp8_mma == "fp16" and q_latent.dtype == torch.bfloat16)),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
-    _LAST_STAGE1["kernel"] = compiled
-    if splits > 1:
-        _mla_decode_stage2[(rows, num_heads, -(-d_c // geo.combine_block))](
-            part_out,
-            part_lse,
-            out,
-            lse,
-            splits,
-            *po_strides,
-            *pl_strides,
-            *out.stride()[:2],
-            *lse.stride()[:2],
-            D_C=d_c,
-            BLOCK_C=geo.combine_block,
-            BLOCK_S=geo.split_block,
-            BLOCK_ALL_S=geo.all_splits_block,
-            num_warps=4,
-        )
-    return out, lse
+    return _Plan(
+        out_shape=(rows, num_heads, d_c),
+        scratch_numel=rows * num_heads * splits * (d_c + 1),
+        part_lse_offset=rows * num_heads * splits * d_c,
+        splits=splits,
+        convert_lens=seq_lens.dtype != torch.int32,
+        convert_table=paged and block_table.dtype != torch.int32,
+        grid1=(geo.head_blocks, splits, rows),
+        stage1_ints=stage1_ints,
+        stage1_constexprs=stage1_constexprs,
+        stage1_options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        grid2=(rows, num_heads, -(-d_c // geo.combine_block)),
+        stage2_ints=(splits, *po_strides, *pl_strides, *out_strides, *lse_strides),
+        stage2_constexprs=_STAGE2.constexpr_values(
+            D_C=d_c, BLOCK_C=geo.combine_block, BLOCK_S=geo.split_block, BLOCK_ALL_S=geo.all_splits_block
+        ),
+    )
+
+
+def last_stage1_report() -> dict:
+    """Registers, spills and shared memory of the most recent stage-1 launch (the compiler's view; GPU only)."""
+    kernel = _STAGE1.last_kernel
+    if kernel is None or not hasattr(kernel, "n_regs"):
+        return {}
+    return dict(n_regs=kernel.n_regs, n_spills=kernel.n_spills, shared_bytes=kernel.metadata.shared)
 
 
 def decode_bytes(

@@ -14,10 +14,10 @@ from tests._requirements import require_module
 
 require_module("triton", 'pip install -e ".[triton]"')
 
+import mla_kernels.mla_decode as mla_decode_module  # noqa: E402
 from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8  # noqa: E402
 from mla_kernels.mla_decode import (  # noqa: E402
     DecodeConfig,
-    _geometry,
     choose_num_splits,
     decode_bytes,
     default_config,
@@ -166,19 +166,65 @@ def test_split_heuristic_fills_the_gpu_and_respects_lengths():
     assert choose_num_splits(1, 8, 131072, 132, cfg) == 33
 
 
-def test_launch_geometry_is_derived_once_per_shape():
-    """Block sizes, grids and splits come from one cache lookup per call after the first call of a shape (the
-    decode step's host time); another shape, config or split count is another entry."""
-    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 32, 16, 2, 40, "cpu", seed=4)
-    lens = torch.tensor([40, 7], dtype=torch.int32)
-    _geometry.cache_clear()
+def test_checks_and_launch_arguments_are_derived_once_per_call_shape(poisoned, device, monkeypatch):
+    """A decode step's host time: after the first call of a shape, one dictionary lookup replaces the input checks,
+    the config, the split choice and the launch arguments. Another split count, head count or stride is another
+    plan, and a tensor with the same shapes and strides at another (unaligned) address reuses the plan and stays
+    exact (on CUDA it launches a kernel compiled for unaligned pointers)."""
+    made = []
+    make_plan = mla_decode_module._make_plan
+    monkeypatch.setattr(mla_decode_module, "_make_plan", lambda *args: made.append(1) or make_plan(*args))
+    mla_decode_module._PLANS.clear()
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 32, 16, 2, 40, device, seed=4)
+    lens = torch.tensor([40, 7], dtype=torch.int32, device=device)
     for _ in range(3):
         mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, config=SMALL)
-    assert (_geometry.cache_info().misses, _geometry.cache_info().hits) == (1, 2)
+    assert len(made) == 1
     mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, config=SMALL, num_splits=2)
     mla_decode(q_latent[:, :2], q_pe[:, :2], c_kv, k_pe, lens, 0.3, config=SMALL)
-    assert _geometry.cache_info().misses == 3
-    assert _geometry(3, 32, 16, 2, 40, 8, SMALL, 2).splits == 2
+    mla_decode(q_latent, q_pe, c_kv.contiguous(), k_pe, lens, 0.3, config=SMALL)
+    assert len(made) == 4
+
+    shifted = torch.empty(q_latent.numel() + 1, device=device, dtype=q_latent.dtype)[1:].view_as(q_latent)
+    shifted.copy_(q_latent * 2)
+    assert shifted.stride() == q_latent.stride() and shifted.data_ptr() % 16
+    got = mla_decode(shifted, q_pe, c_kv, k_pe, lens, 0.3, config=SMALL)
+    assert len(made) == 4
+    check(got, mla_decode_reference(shifted, q_pe, c_kv, k_pe, lens, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16_cache", "fp8_cache"])
+@pytest.mark.parametrize("splits", [1, None], ids=["one_split", "auto_splits"])
+def test_compiled_launches_equal_tritons_own_on_gpu(monkeypatch, fp8, splits):
+    """Every CUDA launch goes through ``mla_kernels.triton_launch`` (the compiled kernel's launcher, called with
+    raw addresses); the same call through Triton's own ``kernel[grid](...)`` gives the same bits, also from an
+    unaligned query view and inside a CUDA graph."""
+    device = torch.device("cuda")
+    lens = torch.tensor([3000, 17], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, 512, 64, 2, 3072, device, dtype=torch.bfloat16, seed=9)
+    extra = {}
+    if fp8:
+        c_kv, extra["c_kv_scale"] = quantize_latent_fp8(c_kv)
+    shifted = torch.empty(q_latent.numel() + 1, device=device, dtype=q_latent.dtype)[1:].view_as(q_latent)
+    shifted.copy_(q_latent)
+
+    def decode(q):
+        return mla_decode(q, q_pe, c_kv, k_pe, lens, 0.1, num_splits=splits, **extra)
+
+    compiled = [decode(q_latent), decode(shifted)]
+    assert mla_decode_module._STAGE1._kernels, "the compiled launch path was not taken"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode(q_latent)
+    graph.replay()
+    torch.cuda.synchronize()
+    for launcher in (mla_decode_module._STAGE1, mla_decode_module._STAGE2):
+        monkeypatch.setattr(launcher, "compiled_launch", False)
+    tritons = [decode(q_latent), decode(shifted)]
+    for got, want in zip([*compiled, captured], [*tritons, tritons[0]], strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.gpu

@@ -602,13 +602,14 @@ def mla_decode(
         num_splits,
         config,
     )
-    plan = _PLANS.get(key)
+    plan = None if torch.compiler.is_compiling() else _PLANS.get(key)  # Dynamo traces the checks and the plan
     if plan is None:
         _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale)
         plan = _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config)
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        if not torch.compiler.is_compiling():
+            if len(_PLANS) >= MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
 
     device = q_latent.device
     if plan.convert_lens:

@@ -14,8 +14,9 @@ the one ``kernel[grid](...)`` would pick.
 
 This depends on Triton internals (``CompiledKernel.run``'s argument order, the launcher accepting integer
 addresses) and is used only on the Triton release it was written against (:data:`TRITON_RELEASE`), on NVIDIA
-GPUs, outside Triton's debug mode and while no launch hook is installed (profilers such as Proton rely on them);
-everywhere else — the CPU interpreter included — it launches through ``kernel[grid](...)``.
+GPUs, outside ``torch.compile`` tracing and Triton's debug mode, and while no launch hook is installed (profilers
+such as Proton rely on them); everywhere else — the CPU interpreter included — it launches through
+``kernel[grid](...)``.
 """
 
 import inspect
@@ -124,6 +125,7 @@ class CompiledLauncher:
         return (
             self.compiled_launch
             and tensor.is_cuda
+            and not torch.compiler.is_compiling()  # Dynamo traces Triton's own launch, not a raw launcher call
             and not knobs.runtime.debug
             and not knobs.runtime.launch_enter_hook.calls  # hooks (profilers) need Triton's launch metadata
             and not knobs.runtime.launch_exit_hook.calls

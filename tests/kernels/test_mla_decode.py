@@ -229,6 +229,19 @@ def test_compiled_launches_equal_tritons_own_on_gpu(monkeypatch, fp8, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_decode_under_torch_compile_on_gpu():
+    """Under torch.compile a call builds its plan inline and launches through Triton (which Dynamo understands)."""
+    device = torch.device("cuda")
+    lens = torch.tensor([3000, 17], dtype=torch.int32, device=device)
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, 512, 64, 2, 3072, device, dtype=torch.bfloat16, seed=10)
+    eager = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.1)
+    compiled = torch.compile(lambda *args: mla_decode(*args, 0.1))
+    got = compiled(q_latent, q_pe, c_kv, k_pe, lens)
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged64"])
 def test_bf16_real_shapes_on_gpu(heads, paged):

@@ -613,11 +613,11 @@ def mla_decode(
 
     device = q_latent.device
     if plan.convert_lens:
-        seq_lens = seq_lens.to(torch.int32)
+        seq_lens = seq_lens.to(torch.int32).contiguous()
     if block_table is None:
         block_table = seq_lens  # never read (PAGED=False)
     elif plan.convert_table:
-        block_table = block_table.to(torch.int32)
+        block_table = block_table.to(torch.int32).contiguous()
     key_mask = seq_lens if key_mask is None else key_mask.view(torch.uint8)  # never read without HAS_MASK
     out = torch.empty(plan.out_shape, device=device, dtype=q_latent.dtype)
     lse = torch.empty(plan.out_shape[:2], device=device, dtype=torch.float32)
@@ -653,8 +653,8 @@ class _Plan:
     scratch_numel: int  # fp32 values of the split partials (R * H * splits * (d_c + 1); unused with one split)
     part_lse_offset: int  # where the partial log2-sum-exps start in it
     splits: int
-    convert_lens: bool  # seq_lens is not int32
-    convert_table: bool  # block_table is not int32
+    convert_lens: bool  # seq_lens is not a contiguous int32 tensor (the kernels read it densely)
+    convert_table: bool  # block_table is not int32 with unit column stride (then copied to a dense one)
     grid1: tuple[int, int, int]
     stage1_ints: tuple  # the stage-1 scalars after qk_scale
     stage1_constexprs: tuple
@@ -683,6 +683,8 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
     splits = geo.splits
     batch = block_table.shape[0] if paged else c_kv.shape[0]
     queries_per_seq = rows // batch
+    convert_lens = seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous()
+    convert_table = paged and (block_table.dtype != torch.int32 or block_table.stride(1) != 1)
     out_strides = (num_heads * d_c, d_c)  # contiguous [R, H, d_c] and [R, H] outputs, allocated per call
     lse_strides = (num_heads, 1)
     if splits == 1:
@@ -704,7 +706,7 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
         *c_kv.stride()[:2],
         *k_pe.stride()[:2],
         *((0, 0) if c_kv_scale is None else c_kv_scale.stride()[:2]),
-        block_table.stride(0) if paged else 0,
+        (block_table.shape[1] if convert_table else block_table.stride(0)) if paged else 0,
         *km_strides,
         *po_strides,
         *pl_strides,
@@ -734,8 +736,8 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
         scratch_numel=rows * num_heads * splits * (d_c + 1),
         part_lse_offset=rows * num_heads * splits * d_c,
         splits=splits,
-        convert_lens=seq_lens.dtype != torch.int32,
-        convert_table=paged and block_table.dtype != torch.int32,
+        convert_lens=convert_lens,
+        convert_table=convert_table,
         grid1=(geo.head_blocks, splits, rows),
         stage1_ints=stage1_ints,
         stage1_constexprs=stage1_constexprs,

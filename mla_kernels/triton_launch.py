@@ -14,9 +14,10 @@ the one ``kernel[grid](...)`` would pick.
 
 This depends on Triton internals (``CompiledKernel.run``'s argument order, the launcher accepting integer
 addresses) and is used only on the Triton release it was written against (:data:`TRITON_RELEASE`), on NVIDIA
-GPUs, outside ``torch.compile`` tracing and Triton's debug mode, and while no launch hook is installed (profilers
-such as Proton rely on them); everywhere else — the CPU interpreter included — it launches through
-``kernel[grid](...)``.
+GPUs, outside ``torch.compile`` tracing, Triton's debug and instrumentation modes, and while no launch or pre-run
+hook is installed (profilers such as Proton rely on them); everywhere else — the interpreter included — it
+launches through ``kernel[grid](...)``. The one per-call check of ``JITFunction.run`` it leaves out is that the
+globals a kernel reads have not changed since it was compiled: these kernels read none.
 """
 
 import inspect
@@ -35,6 +36,11 @@ def _compiled_launch_supported() -> bool:
     # NVIDIA only: ROCm builds also report "cuda" tensors, but Triton's AMD backend specialises on more than
     # alignment (buffer ops for tensors within 2 GB) and has its own launcher
     return triton.__version__.startswith(TRITON_RELEASE) and torch.version.hip is None
+
+
+def _hooked(hook) -> bool:
+    # Triton 3.6 keeps launch hooks in a HookChain; a user may also assign a plain function (or None)
+    return bool(getattr(hook, "calls", hook))
 
 
 def current_device() -> int:
@@ -64,7 +70,8 @@ class CompiledLauncher:
             raise TypeError(f"{fn.fn.__name__}: constexpr parameters must come after all runtime parameters")
         self.fn = fn
         self.constexpr_names = tuple(constexprs)
-        self.compiled_launch = _compiled_launch_supported()
+        # under TRITON_INTERPRET ``fn`` is the interpreter's wrapper (CUDA tensors included): Triton's own launch
+        self.compiled_launch = isinstance(fn, triton.runtime.JITFunction) and _compiled_launch_supported()
         self._kernels: dict = {}
         self.last_kernel = None  # the CompiledKernel of the latest launch (registers, spills; GPU only)
 
@@ -102,6 +109,10 @@ class CompiledLauncher:
         kernel = self._kernels.get(key)
         if kernel is None:
             kernel = self._compile(pointers, scalars, constexprs, options)
+            if kernel is None:  # a jit_cache_hook took over compilation: Triton's own launch decides
+                kwargs = dict(zip(self.constexpr_names, constexprs, strict=True))
+                self.last_kernel = self.fn[grid](*pointers, *scalars, **kwargs, **options)
+                return
             if len(self._kernels) >= MAX_KERNELS:
                 self._kernels.clear()
             self._kernels[key] = kernel
@@ -127,14 +138,18 @@ class CompiledLauncher:
             and tensor.is_cuda
             and not torch.compiler.is_compiling()  # Dynamo traces Triton's own launch, not a raw launcher call
             and not knobs.runtime.debug
-            and not knobs.runtime.launch_enter_hook.calls  # hooks (profilers) need Triton's launch metadata
-            and not knobs.runtime.launch_exit_hook.calls
+            and not knobs.compilation.instrumentation_mode  # an option of Triton's compile key, not of the plan's
+            and not _hooked(knobs.runtime.launch_enter_hook)  # hooks (profilers) need Triton's launch metadata
+            and not _hooked(knobs.runtime.launch_exit_hook)
+            and not self.fn.pre_run_hooks
         )
 
     def _compile(self, pointers, scalars, constexprs, options):
         """Triton's own compilation (and its on-disk cache) for these arguments, without launching."""
         kwargs = dict(zip(self.constexpr_names, constexprs, strict=True))
         kernel = self.fn.warmup(*pointers, *scalars, **kwargs, **options, grid=(1,))
+        if kernel is None:
+            return None
         if hasattr(kernel, "result"):  # Triton's asynchronous compile mode returns a future
             kernel = kernel.result()
         kernel.run  # noqa: B018 -- loads the binary now (raises OutOfResources here, not at a later launch)

@@ -90,6 +90,21 @@ def test_paged_cache_with_permuted_block_table(poisoned, device, page_size, head
     check(got, want, atol=2e-5)
 
 
+@pytest.mark.parametrize("table_dtype", [torch.int64, torch.int32])
+def test_index_tensors_as_views_of_larger_ones(poisoned, device, table_dtype):
+    """A block table sliced from a wider one (any int dtype) and lengths read with a stride: the kernels read
+    dense int32 copies where the layout needs one, on the first call of the shape and on later ones."""
+    lens = torch.tensor([5, 0, 40, 0, 31, 0], dtype=torch.int32, device=device)[::2]
+    q_latent, q_pe, c_kv, k_pe, block_table = _paged_inputs(device, 16, 5)
+    wide = torch.zeros(3, 7, dtype=table_dtype, device=device)
+    wide[:, : block_table.shape[1]] = block_table
+    table = wide[:, : block_table.shape[1]]
+    want = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens.contiguous(), 0.3, block_table=block_table)
+    for _ in range(2):
+        got = mla_decode(q_latent, q_pe, c_kv, k_pe, lens, 0.3, block_table=table, config=SMALL)
+        check(got, want, atol=2e-5)
+
+
 def test_paged_cache_with_a_key_mask(poisoned, device):
     """Paged pages and a per-row key mask together (left padding), 128 heads."""
     lens = torch.tensor([40, 33], dtype=torch.int32, device=device)

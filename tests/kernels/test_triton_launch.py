@@ -72,6 +72,31 @@ def test_cpu_tensors_launch_through_triton_itself():
     assert launcher._kernels == {}
 
 
+def test_interpreter_hooks_and_instrumentation_take_tritons_own_launch(monkeypatch):
+    """The compiled path needs a jitted kernel (not the interpreter's wrapper, which also runs CUDA tensors) and
+    none of what Triton's own launch does per call for hooks, debug or instrumentation."""
+    launcher = CompiledLauncher(_scale)
+    if triton.knobs.runtime.interpret:
+        assert not launcher.compiled_launch
+    monkeypatch.setattr(launcher, "compiled_launch", True)
+    cuda_tensor = torch.empty(0, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert launcher._launches_compiled(cuda_tensor)
+    for knob, name, value in [
+        (triton.knobs.runtime, "launch_enter_hook", lambda metadata: None),  # a plain function, not a HookChain
+        (triton.knobs.runtime, "debug", True),
+        (triton.knobs.compilation, "instrumentation_mode", "consan"),
+    ]:
+        with monkeypatch.context() as patch:
+            patch.setattr(knob, name, value)
+            assert not launcher._launches_compiled(cuda_tensor), name
+    with monkeypatch.context() as patch:
+        patch.setattr(launcher.fn, "pre_run_hooks", [lambda *args, **kwargs: None])
+        assert not launcher._launches_compiled(cuda_tensor)
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", None)
+    assert launcher._launches_compiled(cuda_tensor)
+
+
 def test_compiled_path_passes_addresses_scalars_and_constexprs_in_parameter_order(forced):
     launcher, compiled = forced
     x, out = torch.zeros(64), torch.zeros(64)

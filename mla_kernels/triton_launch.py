@@ -16,11 +16,13 @@ This depends on Triton internals (``CompiledKernel.run``'s argument order, the l
 addresses) and is used only on the Triton release it was written against (:data:`TRITON_RELEASE`), on NVIDIA
 GPUs, outside ``torch.compile`` tracing, Triton's debug and instrumentation modes, and while no launch or pre-run
 hook is installed (profilers such as Proton rely on them); everywhere else — the interpreter included — it
-launches through ``kernel[grid](...)``. The one per-call check of ``JITFunction.run`` it leaves out is that the
+launches through ``kernel[grid](...)``, as it does everywhere with ``MLA_KERNELS_TRITON_LAUNCH=0`` in the environment
+(read when the kernels' module is imported). The one per-call check of ``JITFunction.run`` it leaves out is that the
 globals a kernel reads have not changed since it was compiled: these kernels read none.
 """
 
 import inspect
+import os
 
 import torch
 import triton
@@ -32,10 +34,14 @@ TRITON_RELEASE = "3.6."  # the launcher protocol below is Triton 3.6's (triton/c
 MAX_KERNELS = 4096  # compiled kernels remembered per launcher (plans x alignment patterns); then forgotten
 
 
+DISABLE_ENV = "MLA_KERNELS_TRITON_LAUNCH"  # set to 0 to always launch through kernel[grid](...)
+
+
 def _compiled_launch_supported() -> bool:
     # NVIDIA only: ROCm builds also report "cuda" tensors, but Triton's AMD backend specialises on more than
     # alignment (buffer ops for tensors within 2 GB) and has its own launcher
-    return triton.__version__.startswith(TRITON_RELEASE) and torch.version.hip is None
+    enabled = os.environ.get(DISABLE_ENV, "1") != "0"
+    return enabled and triton.__version__.startswith(TRITON_RELEASE) and torch.version.hip is None
 
 
 def _hooked(hook) -> bool:
@@ -156,4 +162,4 @@ class CompiledLauncher:
         return kernel
 
 
-__all__ = ["TRITON_RELEASE", "CompiledLauncher", "current_device", "current_stream"]
+__all__ = ["DISABLE_ENV", "TRITON_RELEASE", "CompiledLauncher", "current_device", "current_stream"]

@@ -97,6 +97,18 @@ def test_interpreter_hooks_and_instrumentation_take_tritons_own_launch(monkeypat
     assert launcher._launches_compiled(cuda_tensor)
 
 
+def test_the_environment_turns_the_compiled_path_off(monkeypatch):
+    monkeypatch.setattr(launch_module.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(launch_module.torch.version, "hip", None)
+    monkeypatch.setenv(launch_module.DISABLE_ENV, "1")
+    assert launch_module._compiled_launch_supported()
+    monkeypatch.setenv(launch_module.DISABLE_ENV, "0")
+    assert not launch_module._compiled_launch_supported()
+    monkeypatch.delenv(launch_module.DISABLE_ENV)
+    monkeypatch.setattr(launch_module.triton, "__version__", "3.7.0")  # another release: its own launch
+    assert not launch_module._compiled_launch_supported()
+
+
 def test_compiled_path_passes_addresses_scalars_and_constexprs_in_parameter_order(forced):
     launcher, compiled = forced
     x, out = torch.zeros(64), torch.zeros(64)

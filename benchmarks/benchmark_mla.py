@@ -365,13 +365,14 @@ def _host_row(batch: int, length: int, repeats: int) -> dict:
 
     def triton_launches(call):  # the same call through Triton's own kernel[grid](...) launches
         def run():
+            enabled = [launcher.compiled_launch for launcher in launchers]
             for launcher in launchers:
                 launcher.compiled_launch = False
             try:
                 call()
             finally:
-                for launcher in launchers:
-                    launcher.compiled_launch = True
+                for launcher, state in zip(launchers, enabled, strict=True):
+                    launcher.compiled_launch = state
 
         return run
 

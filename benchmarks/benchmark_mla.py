@@ -337,18 +337,18 @@ def run_sweep(args, timer: Timer, copy_gbps: float) -> list[dict]:
     return results
 
 
-def _per_call_us(fn, repeats: int) -> float:
-    """Median host µs per call of ``fn`` over ``repeats`` loops of ``HOST_CALLS`` calls (synced between loops)."""
-    for _ in range(20):
+def _per_call_us(fn, repeats: int, warmup: int = 20, sync=torch.cuda.synchronize) -> float:
+    """Median host µs per call of ``fn`` over ``repeats`` loops of ``HOST_CALLS`` calls (``sync`` between loops)."""
+    for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(HOST_CALLS):
             fn()
         times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
-        torch.cuda.synchronize()
+        sync()
     return statistics.median(times)
 
 
@@ -438,16 +438,8 @@ def host_python(args) -> list[dict]:
         def run(*launch_args) -> None:
             return None
 
-    def per_call_us(call) -> float:
-        for _ in range(HOST_CALLS):
-            call()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for _ in range(HOST_CALLS):
-                call()
-            times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
-        return statistics.median(times)
+    def per_call_us(call) -> float:  # CPU tensors: nothing to wait for between loops
+        return _per_call_us(call, args.repeats, warmup=HOST_CALLS, sync=lambda: None)
 
     launchers = decode_module._STAGE1, decode_module._STAGE2
     device, stream, launch = launch_module.current_device, launch_module.current_stream, CompiledLauncher.__call__
@@ -513,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extended", action="store_true", help="with --sweep: the second-round configs")
     parser.add_argument("--fp8", action="store_true", help="Triton over the bf16 vs the fp8 latent cache")
     parser.add_argument("--fp8-sweep", action="store_true", help="with --fp8: also the FP8_SWEEP_CONFIGS")
-    parser.add_argument("--host-overhead", action="store_true", help="host µs per eager mla_decode call, by part")
+    parser.add_argument("--host-overhead", action="store_true", help="host µs per eager call, both launches")
     parser.add_argument("--host-python", action="store_true", help="the Python of an mla_decode call (CPU)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)

@@ -118,40 +118,6 @@ def choose_num_splits(
     return max(1, min(wanted, by_length, max_splits))
 
 
-@dataclass(frozen=True)
-class _Geometry:
-    """Block sizes, grids and splits of one call shape (:func:`_geometry`)."""
-
-    block_h: int  # heads per stage-1 program
-    head_blocks: int
-    splits: int  # KV splits per sequence; 1 = stage 1 writes the output itself
-    latent_block: int  # BLOCK_C of stage 1
-    rope_block: int  # BLOCK_R of stage 1
-    combine_block: int  # latent values per stage-2 program
-    split_block: int  # splits per stage-2 iteration
-    all_splits_block: int
-
-
-def _geometry(
-    num_heads: int, d_c: int, d_r: int, rows: int, max_len: int, sms: int, config: DecodeConfig, num_splits: int | None
-) -> _Geometry:
-    block_h = max(MMA_MIN_ROWS, min(config.block_h, triton.next_power_of_2(num_heads)))
-    head_blocks = triton.cdiv(num_heads, block_h)
-    splits = num_splits or choose_num_splits(rows, head_blocks, max_len, sms, config)
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
-    return _Geometry(
-        block_h=block_h,
-        head_blocks=head_blocks,
-        splits=splits,
-        latent_block=max(MMA_MIN_ROWS, triton.next_power_of_2(d_c)),
-        rope_block=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
-        combine_block=min(64, triton.next_power_of_2(d_c)),
-        split_block=min(32, triton.next_power_of_2(splits)),
-        all_splits_block=triton.next_power_of_2(splits),
-    )
-
-
 _NUM_SMS: dict[int, int] = {}
 
 
@@ -679,8 +645,12 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
     sms = num_sms(q_latent.device)
     fp8 = c_kv_scale is not None
     cfg = config or default_config(num_heads, rows, sms, max_len, fp8=fp8)
-    geo = _geometry(num_heads, d_c, d_r, rows, max_len, sms, cfg, num_splits)
-    splits = geo.splits
+    block_h = max(MMA_MIN_ROWS, min(cfg.block_h, triton.next_power_of_2(num_heads)))
+    head_blocks = triton.cdiv(num_heads, block_h)
+    splits = num_splits or choose_num_splits(rows, head_blocks, max_len, sms, cfg)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {splits}")
+    combine_block = min(64, triton.next_power_of_2(d_c))  # latent values per stage-2 program
     batch = block_table.shape[0] if paged else c_kv.shape[0]
     queries_per_seq = rows // batch
     convert_lens = seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous()
@@ -714,9 +684,9 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
     stage1_constexprs = _STAGE1.constexpr_values(
         D_C=d_c,
         D_R=d_r,
-        BLOCK_C=geo.latent_block,
-        BLOCK_R=geo.rope_block,
-        BLOCK_H=geo.block_h,
+        BLOCK_C=max(MMA_MIN_ROWS, triton.next_power_of_2(d_c)),
+        BLOCK_R=max(MMA_MIN_ROWS, triton.next_power_of_2(d_r)),
+        BLOCK_H=block_h,
         BLOCK_N=cfg.block_n,
         MIN_SPLIT=max(cfg.block_n, cfg.min_split_tokens),
         PAGE_SIZE=page_size,
@@ -738,14 +708,17 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
         splits=splits,
         convert_lens=convert_lens,
         convert_table=convert_table,
-        grid1=(geo.head_blocks, splits, rows),
+        grid1=(head_blocks, splits, rows),
         stage1_ints=stage1_ints,
         stage1_constexprs=stage1_constexprs,
         stage1_options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-        grid2=(rows, num_heads, -(-d_c // geo.combine_block)),
+        grid2=(rows, num_heads, triton.cdiv(d_c, combine_block)),
         stage2_ints=(splits, *po_strides, *pl_strides, *out_strides, *lse_strides),
         stage2_constexprs=_STAGE2.constexpr_values(
-            D_C=d_c, BLOCK_C=geo.combine_block, BLOCK_S=geo.split_block, BLOCK_ALL_S=geo.all_splits_block
+            D_C=d_c,
+            BLOCK_C=combine_block,
+            BLOCK_S=min(32, triton.next_power_of_2(splits)),
+            BLOCK_ALL_S=triton.next_power_of_2(splits),
         ),
     )
 

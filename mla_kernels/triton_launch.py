@@ -106,8 +106,7 @@ class CompiledLauncher:
         """
         first = pointers[0]
         if not self._launches_compiled(first):
-            kwargs = dict(zip(self.constexpr_names, constexprs, strict=True))
-            self.last_kernel = self.fn[grid](*pointers, *scalars, **kwargs, **options)
+            self._launch_through_triton(grid, pointers, scalars, constexprs, options)
             return
         addresses = [t.data_ptr() for t in pointers]
         device = current_device()
@@ -116,8 +115,7 @@ class CompiledLauncher:
         if kernel is None:
             kernel = self._compile(pointers, scalars, constexprs, options)
             if kernel is None:  # a jit_cache_hook took over compilation: Triton's own launch decides
-                kwargs = dict(zip(self.constexpr_names, constexprs, strict=True))
-                self.last_kernel = self.fn[grid](*pointers, *scalars, **kwargs, **options)
+                self._launch_through_triton(grid, pointers, scalars, constexprs, options)
                 return
             if len(self._kernels) >= MAX_KERNELS:
                 self._kernels.clear()
@@ -149,6 +147,10 @@ class CompiledLauncher:
             and not _hooked(knobs.runtime.launch_exit_hook)
             and not self.fn.pre_run_hooks
         )
+
+    def _launch_through_triton(self, grid, pointers, scalars, constexprs, options) -> None:
+        kwargs = dict(zip(self.constexpr_names, constexprs, strict=True))
+        self.last_kernel = self.fn[grid](*pointers, *scalars, **kwargs, **options)
 
     def _compile(self, pointers, scalars, constexprs, options):
         """Triton's own compilation (and its on-disk cache) for these arguments, without launching."""

@@ -222,6 +222,8 @@ def _mla_decode_stage1(
     NUM_GROUPS: tl.constexpr,  # D_C // GROUP, at most MAX_FP8_GROUPS
     FP8_F16: tl.constexpr,  # 16-bit queries: fp8 MMAs in fp16 (latent queries scaled by a power of two)
 ):
+    # torch.compile's Inductor passes Python floats as fp64; the softmax must stay in fp32 (the dots' accumulators)
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2)

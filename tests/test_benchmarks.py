@@ -71,3 +71,70 @@ def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
     rows = json.loads((tmp_path / "h.json").read_text())["host_python"]
     assert [(r["batch"], r["length"]) for r in rows] == [(1, 256), (1, 4096)]
     assert all(0 < r["around_launches_us"] < r["python_us"] < 10_000 for r in rows)
+
+
+def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_path):
+    """``benchmarks/device/long_context_session.sh``: with stand-ins for the study's stages and for ``python3``, the
+    pipeline trains before it evaluates, evaluates the DPO models at every length with 4 trials, and ``collect``
+    returns the reports and each delta in parts under 16 MiB."""
+    session = BENCHMARKS / "device" / "long_context_session.sh"
+    calls = tmp_path / "calls.txt"
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    study = stand_ins / "study.sh"
+    study.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
+        '[ "$1" = prepare ] && mkdir -p outputs/smollm2_135m/mla_256 '
+        "&& echo tokens > outputs/smollm2_135m/mla_256/calibration_tokens.safetensors\n"
+        '[ "$1" = delta ] && head -c 20000000 /dev/zero > "$3/mla_dpo_delta.safetensors"\n'
+        "exit 0\n"
+    )
+    python = stand_ins / "python3"  # the base conversion and the delta extraction
+    python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "python3 $*" >> {calls}\n'
+        'case "$*" in *convert_to_mla*) mkdir -p outputs/smollm2_135m/mla_256_cpu/model '
+        "&& touch outputs/smollm2_135m/mla_256_cpu/model/config.json;; esac\n"
+    )
+    for script in (study, python):
+        script.chmod(0o755)
+    results, out = tmp_path / "results", tmp_path / "out"
+    env = {
+        "PATH": f"{stand_ins}:/usr/bin:/bin",
+        "STUDY": str(study),
+        "RESULTS": str(results),
+        "BIG": str(tmp_path / "big"),
+        "OUT": str(out),
+        "DEVICE": "cpu",
+    }
+    work = tmp_path / "work"
+    work.mkdir()
+    run = subprocess.run([str(session), "pipeline"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    stages = [line.split()[0] for line in lines if not line.startswith("python3")]
+    assert stages[:3] == ["prepare", "sft", "sft64k"]
+    dpo = stages.index("dpo")
+    assert set(stages[dpo + 1 :]) == {"landmark", "heldout", "multi", "delta"}
+    after_dpo = [line for line in lines if line.startswith("landmark") and "_dpo" in line]
+    lengths = {arg for line in after_dpo for arg in line.split() if arg.startswith("ARGS=")}
+    assert lengths == {
+        "ARGS=context_lengths=[131072]",  # each 128k run also gets depths=...
+        "ARGS=context_lengths=[65536]",
+        "ARGS=context_lengths=[4096,8192,16384,32768]",
+    }
+    assert all("TRIALS=4" in line for line in after_dpo) and len(after_dpo) == 8
+    assert sum("--tuned outputs/smollm2_135m/long_sft64k_mla/epoch_0" in line for line in lines) == 1
+    timeline = (results / "timeline.txt").read_text()
+    assert timeline.index("sft64k done") < timeline.index("dpo start")
+    assert timeline.rstrip().endswith("pipeline done")
+
+    collected = subprocess.run([str(session), "collect"], env=env, capture_output=True, text=True, timeout=60)
+    assert collected.returncode == 0, collected.stderr
+    parts = sorted(p.name for p in out.iterdir() if p.name.startswith("mla_dpo_delta.part_"))
+    assert parts == ["mla_dpo_delta.part_aa", "mla_dpo_delta.part_ab"]
+    assert sum((out / p).stat().st_size for p in parts) == 20_000_000
+    assert all((out / p).stat().st_size < 16 * 2**20 for p in parts)
+    listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True, text=True).stdout
+    assert "./timeline.txt" in listing and ".safetensors" not in listing

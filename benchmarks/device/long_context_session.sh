@@ -12,7 +12,8 @@
 #   3. carry [".big/gguf.part_ab"]:          benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
 #
-#   install         the wheelhouse into /tmp/site, the links `tune run` needs, the carried GGUF part
+#   install         the wheelhouse into /tmp/site, the links `tune run` needs, the carried GGUF part; starts the GPU
+#                   kernel tests and the eager host-time benchmark in the background (results/kernel_tests.txt, host.json)
 #   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big
 #   start [SECS]    join the parts, copy this tree to $WORK, run `pipeline` in the background, then `wait SECS`
 #   wait SECS       print the timeline until the pipeline ends or SECS pass; `collect` every minute and at the end
@@ -130,6 +131,11 @@ case $mode in
     links
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     cp .big/gguf.part_* "$big/"
+    # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive
+    mkdir -p /root/checks && cp -a . /root/checks/
+    (cd /root/checks && setsid nohup bash -c "export PYTHONPATH=/tmp/site:\$PWD
+      python3 benchmarks/benchmark_mla.py --host-overhead --repeats 20 --json $results/host.json > $results/host.txt 2>&1
+      python3 -m pytest -q -rs -p no:cacheprovider tests/kernels > $results/kernel_tests.txt 2>&1" > /dev/null 2>&1 < /dev/null &)
     ;;
   part) cp .big/gguf.part_* "$big/" && ls -la "$big" ;;
   start)

@@ -125,6 +125,7 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
         "ARGS=context_lengths=[4096,8192,16384,32768]",
     }
     assert all("TRIALS=4" in line for line in after_dpo) and len(after_dpo) == 8
+    assert not any(line.startswith("landmark TAG=s64") for line in lines)  # only with EVAL_SFT64K=1
     assert sum("--tuned outputs/smollm2_135m/long_sft64k_mla/epoch_0" in line for line in lines) == 1
     timeline = (results / "timeline.txt").read_text()
     assert timeline.index("sft64k done") < timeline.index("dpo start")

@@ -126,6 +126,8 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     }
     assert all("TRIALS=4" in line for line in after_dpo) and len(after_dpo) == 8
     assert not any(line.startswith("landmark TAG=s64") for line in lines)  # only with EVAL_SFT64K=1
+    first_short = min(i for i, line in enumerate(lines) if "4096,8192,16384,32768" in line)
+    assert lines.index(next(line for line in lines if line.startswith("delta"))) < first_short  # the delta first
     assert sum("--tuned outputs/smollm2_135m/long_sft64k_mla/epoch_0" in line for line in lines) == 1
     timeline = (results / "timeline.txt").read_text()
     assert timeline.index("sft64k done") < timeline.index("dpo start")

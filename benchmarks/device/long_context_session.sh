@@ -109,22 +109,30 @@ pipeline() {
       "$study" landmark "$gguf" "$results"
   fi
   stage dpo
+  # first in line: the DPO model's delta (what a later session rebuilds the model from, e.g. for the 1M run) and the
+  # longest lengths; the rest once the delta is written
+  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
+    "$study" delta "$gguf" "$results"
   local m
-  for m in mla gqa; do  # the longest lengths first in line; 128k split by depth over two processes
+  for m in mla gqa; do  # 128k split by depth over two processes
     run "${m}_128k_a" TAG="${m}_128k_a" MODEL_NAMES="${m}_dpo" TRIALS=4 \
       EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "$study" landmark "$gguf" "$results"
     run "${m}_128k_b" TAG="${m}_128k_b" MODEL_NAMES="${m}_dpo" TRIALS=4 \
       EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "$study" landmark "$gguf" "$results"
     run "${m}_64k" TAG="${m}_64k" MODEL_NAMES="${m}_dpo" TRIALS=4 EVAL_ARGS="context_lengths=[65536]" \
       "$study" landmark "$gguf" "$results"
+  done
+  for _ in $(seq 60); do
+    [ -f "$results/mla_dpo_delta.safetensors" ] && break
+    sleep 5
+  done
+  for m in mla gqa; do
     run "${m}_4k_32k" TAG="${m}_4k_32k" MODEL_NAMES="${m}_dpo" TRIALS=4 \
       EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" "$study" landmark "$gguf" "$results"
   done
   run heldout "$study" heldout "$gguf" "$results"
   run multi TAG=all MODEL_NAMES=mla_sft64k,mla_dpo,gqa_sft64k,gqa_dpo TRIALS=2 \
     EVAL_ARGS="context_lengths=[4096,16384]" "$study" multi "$gguf" "$results"
-  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
-    "$study" delta "$gguf" "$results"
   wait
   stamp "pipeline done"
 }

@@ -12,6 +12,10 @@
 #   3. carry [".big/gguf.part_ab"]:          benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
 #
+# Afterwards, here: one report per model from its split runs, then one compare report, e.g.
+#   python -m mla_components.evaluation.report journal R/mla R/passkey_landmark_mla_{128k_a,128k_b,64k,4k_32k}
+#   python -m mla_components.evaluation.report merge R/landmark R/mla R/gqa
+#
 #   install         the wheelhouse into /tmp/site, the links `tune run` needs, the carried GGUF part; starts the GPU
 #                   kernel tests and the eager host-time benchmark in the background (results/kernel_tests.txt, host.json)
 #   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big

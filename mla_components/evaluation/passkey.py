@@ -335,7 +335,10 @@ def model_fingerprint(entry: ModelEntry, cfg: DictConfig) -> str:
         "name": entry.name,
         "weights": weights,
         "model": OmegaConf.to_container(entry.model_cfg, resolve=True),
-        "checkpointer": OmegaConf.to_container(entry.checkpointer_cfg, resolve=True),
+        # not its output_dir (nothing is written there; a run split over output dirs is still one model)
+        "checkpointer": {
+            k: v for k, v in OmegaConf.to_container(entry.checkpointer_cfg, resolve=True).items() if k != "output_dir"
+        },
         **{k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in settings.items()},
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

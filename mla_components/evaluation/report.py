@@ -267,22 +267,27 @@ def read_journal(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def journal_result(path: Path, name: str | None = None, fingerprint: str | None = None) -> dict[str, Any]:
-    """One model's result dict (as :meth:`ModelResult.to_dict`) from the trials its journal holds: the report of a
-    run stopped before it wrote one. Cells hold the trials that finished (the summary's counts show how many); a
-    trial journaled twice (a resumed run's rerun) counts once, its last entry.
+def journal_result(
+    path: Path | Sequence[Path], name: str | None = None, fingerprint: str | None = None
+) -> dict[str, Any]:
+    """One model's result dict (as :meth:`ModelResult.to_dict`) from the trials its journals hold: the report of a
+    run stopped before it wrote one, or of one model's evaluation split over several runs (by length or depth, one
+    process each). Cells hold the trials that finished (the summary's counts show how many); a trial journaled twice
+    (a resumed run's rerun) counts once, its last entry.
 
     Args:
-        path: the journal (``trials.jsonl``) or the output directory holding it.
+        path: the journal (``trials.jsonl``) or the output directory holding it; or several, read in order.
         name: the model's label in tables and heatmaps (default: the name journaled with the trials).
-        fingerprint: which model, when the journal holds several (one run of several models, or rewritten weights).
+        fingerprint: which model, when the journals hold several (one run of several models, or rewritten weights).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "trials.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trial journal (a passkey run writes output_dir/trials.jsonl)")
-    entries = read_journal(path)
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    paths = [p / "trials.jsonl" if p.is_dir() else p for p in paths]
+    entries = []
+    for one in paths:
+        if not one.is_file():
+            raise FileNotFoundError(f"{one}: no trial journal (a passkey run writes output_dir/trials.jsonl)")
+        entries += read_journal(one)
+    path = paths[0] if len(paths) == 1 else ", ".join(str(p) for p in paths)
     if not entries:
         raise ValueError(f"{path} holds no finished trial")
     models = {e["fingerprint"]: e.get("name") or "unnamed" for e in entries}
@@ -340,7 +345,8 @@ def merge_reports(sources: Sequence[Path], output_dir: Path) -> dict[str, Path]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m mla_components.evaluation.report merge OUTPUT_DIR RUN_DIR...``: one report of several runs;
-    ``... journal OUTPUT_DIR TRIALS_JSONL [--name NAME]``: the report of a run stopped before it wrote one."""
+    ``... journal OUTPUT_DIR TRIALS_JSONL... [--name NAME]``: the report of a run stopped before it wrote one, or of
+    one model's runs split by length or depth."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mla_components.evaluation.report", description=main.__doc__)
@@ -348,9 +354,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     merge = commands.add_parser("merge", help="merge several passkey reports into one compare report")
     merge.add_argument("output_dir", type=Path)
     merge.add_argument("sources", type=Path, nargs="+", help="results.json files or the directories holding them")
-    journal = commands.add_parser("journal", help="report the finished trials of a stopped run's trials.jsonl")
+    journal = commands.add_parser("journal", help="report the finished trials of one model's trials.jsonl files")
     journal.add_argument("output_dir", type=Path)
-    journal.add_argument("journal", type=Path, help="a trials.jsonl or the run's output directory")
+    journal.add_argument(
+        "journal",
+        type=Path,
+        nargs="+",
+        help="one model's trials.jsonl files (or output directories), of one or more runs",
+    )
     journal.add_argument("--name", help="the model's label in the report (default: the journaled name)")
     journal.add_argument("--fingerprint", help="which model, when the journal holds several")
     args = parser.parse_args(argv)
@@ -360,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             model = journal_result(args.journal, args.name, args.fingerprint)
             config = {
-                "from_journal": str(args.journal),
+                "from_journal": [str(p) for p in args.journal],
                 "note": "the finished trials of a run stopped before its report",
             }
             paths = write_report(args.output_dir, config, [model])

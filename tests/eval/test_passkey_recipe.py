@@ -229,3 +229,23 @@ def test_a_stopped_run_resumes_from_its_journal_and_equals_an_uninterrupted_one(
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
     run(passkey_cfg, load_model=counting)
     assert len(calls) == forwards_per_run
+
+
+def test_one_models_runs_split_by_length_report_as_that_model(passkey_cfg):
+    """One model evaluated by two runs (one length each, each its own output_dir, as on a shared GPU): the runs
+    share the model's fingerprint and ``report journal`` over both journals equals the run over both lengths."""
+    full = json.loads(run(passkey_cfg)["json"].read_text())["models"][0]
+    root = Path(passkey_cfg.output_dir)
+    journals = []
+    for length in SMALL_GRID["context_lengths"]:
+        part = OmegaConf.merge(passkey_cfg, {"context_lengths": [length], "output_dir": str(root / f"only_{length}")})
+        run(part)
+        journals.append(root / f"only_{length}" / "trials.jsonl")
+    fingerprints = {json.loads(line)["fingerprint"] for j in journals for line in j.read_text().splitlines()}
+    assert len(fingerprints) == 1
+    assert fingerprints == {json.loads((root / "trials.jsonl").read_text().splitlines()[0])["fingerprint"]}
+    report_main(["journal", str(root / "joined"), *map(str, journals)])
+    (joined,) = json.loads((root / "joined" / "results.json").read_text())["models"]
+    assert joined["trials"] == full["trials"]
+    assert joined["cells"] == full["cells"]
+    assert [r["accuracy"] for r in joined["lengths"]] == [r["accuracy"] for r in full["lengths"]]

@@ -141,3 +141,13 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     assert all((out / p).stat().st_size < 16 * 2**20 for p in parts)
     listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True, text=True).stdout
     assert "./timeline.txt" in listing and ".safetensors" not in listing
+    assert not (out / "results.partial.tgz").exists()
+
+    # start refuses a GGUF whose parts did not all arrive, before anything runs
+    (work / ".big").mkdir()
+    (work / ".big" / "gguf.part_aa").write_bytes(b"only the first part")
+    (results / "timeline.txt").unlink()
+    refused = subprocess.run([str(session), "start", "5"], cwd=work, env=env, capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert "md5 is not a1231443440b107ff29f02bdb38c9d0a (parts: gguf.part_aa)" in refused.stderr
+    assert not (results / "timeline.txt").exists()

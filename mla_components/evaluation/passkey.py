@@ -331,14 +331,17 @@ def model_fingerprint(entry: ModelEntry, cfg: DictConfig) -> str:
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".json")
     )
     settings = {k: cfg.get(k) for k in keys}
+    checkpointer = OmegaConf.to_container(entry.checkpointer_cfg, resolve=True)
+    # output_dir is where nothing is read (a run split over output dirs is still one model), unless the checkpointer
+    # resumes: then it loads the newest epoch under output_dir
+    resuming = ("resume_from_checkpoint", "should_load_recipe_state", "recipe_checkpoint")
+    if not any(checkpointer.get(k) for k in resuming):
+        checkpointer.pop("output_dir", None)
     what = {
         "name": entry.name,
         "weights": weights,
         "model": OmegaConf.to_container(entry.model_cfg, resolve=True),
-        # not its output_dir (nothing is written there; a run split over output dirs is still one model)
-        "checkpointer": {
-            k: v for k, v in OmegaConf.to_container(entry.checkpointer_cfg, resolve=True).items() if k != "output_dir"
-        },
+        "checkpointer": checkpointer,
         **{k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v for k, v in settings.items()},
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -249,3 +249,18 @@ def test_one_models_runs_split_by_length_report_as_that_model(passkey_cfg):
     assert joined["trials"] == full["trials"]
     assert joined["cells"] == full["cells"]
     assert [r["accuracy"] for r in joined["lengths"]] == [r["accuracy"] for r in full["lengths"]]
+
+
+def test_the_output_dir_is_part_of_the_fingerprint_only_when_the_checkpointer_reads_it(passkey_cfg):
+    """A resuming checkpointer loads the newest epoch under output_dir: there another output_dir is another model."""
+    from mla_components.evaluation.passkey import model_entries, model_fingerprint
+
+    def fingerprint(**checkpointer):
+        cfg = OmegaConf.merge(passkey_cfg, {"checkpointer": checkpointer})
+        return model_fingerprint(model_entries(cfg)[0], cfg)
+
+    assert fingerprint(output_dir="/tmp/a") == fingerprint(output_dir="/tmp/b")
+    assert fingerprint(output_dir="/tmp/a", resume_from_checkpoint=True) != fingerprint(
+        output_dir="/tmp/b", resume_from_checkpoint=True
+    )
+    assert fingerprint(output_dir="/tmp/a") != fingerprint(output_dir="/tmp/a", checkpoint_files=["other.safetensors"])

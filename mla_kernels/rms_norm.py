@@ -16,6 +16,7 @@ ROWS_PER_PROGRAM_BWD = 8
 
 @triton.jit
 def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, stride_x, stride_y, dim, eps, BLOCK: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)  # torch.compile passes Python floats as fp64; the statistics stay fp32
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < dim

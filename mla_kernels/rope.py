@@ -35,6 +35,7 @@ def _rope_interleaved(
     BLOCK_H: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
+    sin_sign = tl.cast(sin_sign, tl.float32)  # torch.compile passes Python floats as fp64; rotate in fp32
     token = tl.program_id(0)  # b * seq_len + s
     b = token // seq_len
     s = token % seq_len

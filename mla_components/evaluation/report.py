@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             model = journal_result(args.journal, args.name, args.fingerprint)
             config = {
                 "from_journal": [str(p) for p in args.journal],
-                "note": "the finished trials of a run stopped before its report",
+                "note": "the finished trials of the journals: a stopped run, or one model's split runs",
             }
             paths = write_report(args.output_dir, config, [model])
     except (OSError, ValueError) as e:

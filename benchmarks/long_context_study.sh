@@ -5,9 +5,11 @@
 # then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta GGUF RESULTS_DIR
+#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild GGUF RESULTS_DIR
 #   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run; delta = the MLA
-#   model after DPO as a <= 20 MB delta over the CPU conversion a user rebuilds, and its passkey beside the model's)
+#   model after DPO as a <= 20 MB delta over the CPU conversion a user rebuilds, and its passkey beside the model's;
+#   rebuild = an earlier session's model from its delta, DELTA=file, into REBUILT (default the 64k stage's model as
+#   mla_sft64k_delta), with the origin's directory the later stages read the tokenizer from)
 #
 # A 135M model leaves an H200 mostly idle, so the trained pairs (sft, dpo) train side by side, and the evaluation
 # stages can run as separate processes at once (each writes its own directory; TAG suffixes it, so one stage can be
@@ -68,12 +70,23 @@ train_all() {
 }
 
 case $stage in
-  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | evaluate) ;;
+  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | rebuild | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
+# The base every delta is made over: the conversion as a user reruns it, on a CPU, calibrated on the token windows of
+# the study's own conversion, which ship beside the deltas (the corpus comes with Python and differs between versions).
+convert=(mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu
+  calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors)
+base_recipe="tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu"
+cpu_base() {  # ORIGIN_DIR: where the origin's HF directory goes (null: not written)
+  [ -f "$work/mla_256_cpu/model/config.json" ] && return 0
+  "${tune[@]}" "${convert[@]}" origin.source="$gguf" output_dir="$work/mla_256_cpu" origin_output_dir="$1" \
+    > "$results/base_conversion.txt" 2>&1
+}
+
 # `evaluate` runs the four evaluation stages in order
 runs() { [ "$stage" = "$1" ] || { [ "$stage" = evaluate ] && [[ " heldout anchors landmark chat multi " == *" $1 "* ]]; }; }
 
@@ -92,12 +105,14 @@ if runs dpo; then
 fi
 if runs heldout; then
   stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
+  checkpoints=()  # the models this session has
+  for pair in mla_healed=heal_mla_256/epoch_1 mla_sft=long_sft_mla/epoch_0 mla_sft64k=long_sft64k_mla/epoch_0 \
+    mla_sft64k_delta=long_sft64k_mla_delta mla_dpo=long_dpo_mla/epoch_0 gqa_sft=long_sft_gqa/epoch_0 \
+    gqa_sft64k=long_sft64k_gqa/epoch_0 gqa_dpo=long_dpo_gqa/epoch_0; do
+    [ -f "$work/${pair#*=}/config.json" ] && checkpoints+=(--checkpoint "${pair%%=*}=$work/${pair#*=}")
+  done
   python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device "${DEVICE:-cuda}" --sequences 16 \
-    --seq-len 1024 --checkpoint mla_healed="$work/heal_mla_256/epoch_1" \
-    --checkpoint mla_sft="$work/long_sft_mla/epoch_0" --checkpoint mla_sft64k="$work/long_sft64k_mla/epoch_0" \
-    --checkpoint mla_dpo="$work/long_dpo_mla/epoch_0" --checkpoint gqa_sft="$work/long_sft_gqa/epoch_0" \
-    --checkpoint gqa_sft64k="$work/long_sft64k_gqa/epoch_0" --checkpoint gqa_dpo="$work/long_dpo_gqa/epoch_0" \
-    > "$results/heldout.json"
+    --seq-len 1024 "${checkpoints[@]}" > "$results/heldout.json"
 fi
 if runs anchors; then
   stamp "passkey, standard Landmark prompt: the untrained models (origin, origin + YaRN x16, healed MLA)"
@@ -127,19 +142,21 @@ if runs delta; then
   # The base is the conversion as a user reruns it: on a CPU, calibrated on the token windows of the study's own
   # conversion (prepare), which ship beside the delta (the corpus comes with Python and differs between versions).
   stamp "compact delta: the MLA model after DPO over the CPU rerun of the conversion"
-  cp "$work/mla_256/calibration_tokens.safetensors" "$results/mla_256_calibration_tokens.safetensors"
-  convert=(mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu
-    calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors)
-  if [ ! -f "$work/mla_256_cpu/model/config.json" ]; then
-    "${tune[@]}" "${convert[@]:0:4}" calibration.tokens_file="$work/mla_256/calibration_tokens.safetensors" \
-      origin.source="$gguf" output_dir="$work/mla_256_cpu" origin_output_dir=null > "$results/delta_base_conversion.txt" 2>&1
-  fi
+  cpu_base null
   python3 -m mla_components.checkpointing.delta extract --base "$work/mla_256_cpu/model" \
     --tuned "$work/long_dpo_mla/epoch_0" --output "$results/mla_dpo_delta.safetensors" --max-mb "${DELTA_MB:-20}" \
-    --device "${DEVICE:-cuda}" --base-recipe "tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu" | tee "$results/delta_report.json"
+    --device "${DEVICE:-cuda}" --base-recipe "$base_recipe" | tee "$results/delta_report.json"
   python3 -m mla_components.checkpointing.delta apply --base "$work/mla_256_cpu/model" \
     --delta "$results/mla_dpo_delta.safetensors" --output "$work/long_dpo_mla_delta"
   passkey "${MODEL_NAMES:-mla_dpo,mla_dpo_delta}" "$results/passkey_delta" prompt_format=landmark \
     trials_per_cell="${TRIALS:-2}" "context_lengths=[4096,16384,32768]"
+fi
+if runs rebuild; then
+  rebuilt=${REBUILT:-$work/long_sft64k_mla_delta}
+  stamp "rebuild ${DELTA:?rebuild needs DELTA=<a delta file>} into $rebuilt: the CPU conversion it names, then the delta"
+  origin_dir=null
+  [ -f "$work/origin/config.json" ] || origin_dir=$work/origin
+  cpu_base "$origin_dir"
+  python3 -m mla_components.checkpointing.delta apply --base "$work/mla_256_cpu/model" --delta "$DELTA" --output "$rebuilt"
 fi
 stamp "done: $stage"

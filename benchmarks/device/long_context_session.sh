@@ -25,9 +25,9 @@
 #   collect         into $OUT: results.tgz (everything but weights) and each delta in 15 MB parts
 #   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once
 #   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/mla_sft64k_delta.safetensors,
-#                   from git branch attempt5-artifacts), evaluated at 128k and 1M beside its DPO; then the DPO model's
-#                   grid, its delta, fp8 and YaRN-factor probes at 128k and one 1M prompt (MLA only: 13 fewer minutes
-#                   of training, no GQA control)
+#                   from git branch attempt5-artifacts), evaluated at 128k beside its DPO; then the DPO model's
+#                   grid, its delta, fp8 and YaRN-factor probes at 128k, and with MILLION=1 one 1M prompt, alone on the
+#                   GPU after the rest (MLA only: 13 fewer minutes of training, no GQA control)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
 # `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage, beside DPO.
@@ -163,12 +163,11 @@ from_delta() {
   local delta=$big/mla_sft64k_delta.safetensors landmark=("$study" landmark "$gguf" "$results")
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
-  # beside DPO: the rebuilt model at 128k (split by depth) and one prompt at 1M
+  # beside DPO: the rebuilt model at 128k, split by depth
   run s64_128k_a TAG=s64_128k_a MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
     EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "${landmark[@]}"
   run s64_128k_b TAG=s64_128k_b MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
     EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
-  run s64_1m TAG=s64 MODEL_NAMES=mla_sft64k_delta TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
   stage dpo MODELS=mla DPO_ARGS="checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
@@ -177,7 +176,6 @@ from_delta() {
   run mla_128k_b TAG=mla_128k_b MODEL_NAMES=mla_dpo TRIALS=4 \
     EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
   run mla_64k TAG=mla_64k MODEL_NAMES=mla_dpo TRIALS=4 EVAL_ARGS="context_lengths=[65536]" "${landmark[@]}"
-  run mla_1m TAG=mla MODEL_NAMES=mla_dpo TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
   wait_for_file "$results/mla_dpo_delta.safetensors"
   run mla_4k_32k TAG=mla_4k_32k MODEL_NAMES=mla_dpo TRIALS=4 EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" \
     "${landmark[@]}"
@@ -190,6 +188,12 @@ from_delta() {
   run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
     "$study" multi "$gguf" "$results"
   wait
+  # 1M (MILLION=1) only on a GPU of its own: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB each)
+  # it ran the others out of memory; shared with them, one 1M prompt took 22 minutes
+  if [ -n "${MILLION:-}" ]; then
+    run mla_1m TAG=mla MODEL_NAMES=mla_dpo TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
+    wait
+  fi
   stamp "pipeline done"
 }
 

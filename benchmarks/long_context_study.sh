@@ -19,7 +19,8 @@
 # CONFIGS (default configs/smollm2_135m) points at other copies of the configs (the CPU test shrinks them);
 # SFT_ARGS / DPO_ARGS / EVAL_ARGS add command-line overrides; MODELS limits the trained pairs (default "mla gqa");
 # MODEL_NAMES limits the passkey stages' models, e.g. MODEL_NAMES=mla_dpo,gqa_dpo (default: per stage, below);
-# TRIALS sets trials per cell (default 4 up to 128k, 1 at 1M).
+# TRIALS sets trials per cell (default 4 up to 128k, 1 at 1M); YARN_FACTOR (default: the configs' 16) sets the YaRN
+# factor of the trained models in every stage that trains or evaluates them (the untrained anchors keep theirs).
 set -euo pipefail
 stage=$1 gguf=$2 results=$3
 configs=${CONFIGS:-configs/smollm2_135m}
@@ -30,6 +31,12 @@ stamp() { echo "[$(date +%T)] $*"; }
 read -r -a sft_args <<< "${SFT_ARGS:-}"
 read -r -a dpo_args <<< "${DPO_ARGS:-}"
 read -r -a eval_args <<< "${EVAL_ARGS:-}"
+yarn_eval=()
+if [ -n "${YARN_FACTOR:-}" ]; then
+  sft_args+=("yarn.factor=$YARN_FACTOR")
+  dpo_args+=("yarn.factor=$YARN_FACTOR")
+  yarn_eval=("yarn_mla.factor=$YARN_FACTOR" "yarn_gqa.factor=$YARN_FACTOR")
+fi
 
 # One training stage of one model: skip when its final epoch exists, resume from an intermediate one.
 train() {
@@ -45,13 +52,15 @@ train() {
 }
 
 # One passkey run of passkey_long_compare.yaml: models (comma-separated names, empty = all), output dir, overrides.
+# UNTRAINED=1: models whose YaRN factor YARN_FACTOR does not set.
 passkey() {
   local names=$1 out=$2
   shift 2
-  local select=()
+  local select=() yarn=("${yarn_eval[@]}")
   [ -n "$names" ] && select=("model_names=[$names]")
+  [ -n "${UNTRAINED:-}" ] && yarn=()
   "${tune[@]}" mla_recipes/passkey_eval.py --config "$configs/passkey_long_compare.yaml" output_dir="$out${TAG:+_$TAG}" \
-    "${select[@]}" "$@" "${eval_args[@]}"
+    "${select[@]}" "$@" "${yarn[@]}" "${eval_args[@]}"
 }
 
 # Train every model of MODELS with one recipe at the same time (one process each); fail if any of them failed.
@@ -116,7 +125,7 @@ if runs heldout; then
 fi
 if runs anchors; then
   stamp "passkey, standard Landmark prompt: the untrained models (origin, origin + YaRN x16, healed MLA)"
-  passkey "${MODEL_NAMES:-origin,origin_yarn16,mla_healed}" "$results/passkey_anchors" prompt_format=landmark \
+  UNTRAINED=1 passkey "${MODEL_NAMES:-origin,origin_yarn16,mla_healed}" "$results/passkey_anchors" prompt_format=landmark \
     trials_per_cell="${TRIALS:-4}"
 fi
 if runs landmark; then

@@ -229,3 +229,30 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert refused.returncode == 1
     assert "carry .big/mla_sft64k_delta.safetensors" in refused.stderr
     assert not (results / "timeline.txt").exists()
+
+
+def test_study_yarn_factor_reaches_the_trained_models_and_not_the_anchors(tmp_path):
+    """``YARN_FACTOR=32 benchmarks/long_context_study.sh``: SFT and DPO train at that factor and the trained models'
+    passkey runs evaluate at it, while the untrained anchors (origin + YaRN x16) keep the configs' factor."""
+    calls = tmp_path / "calls.txt"
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    python = stand_ins / "python3"
+    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+    env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "MODELS": "mla", "YARN_FACTOR": "32.0"}
+    study = BENCHMARKS / "long_context_study.sh"
+    for stage in ("sft", "dpo", "landmark", "anchors"):
+        run = subprocess.run(
+            [str(study), stage, "model.gguf", str(tmp_path / "r")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == 0, run.stderr
+    sft, dpo, landmark, anchors = calls.read_text().splitlines()
+    assert "long_sft_mla.yaml" in sft and sft.split()[-1] == "yarn.factor=32.0"
+    assert "long_dpo_mla.yaml" in dpo and dpo.split()[-1] == "yarn.factor=32.0"
+    assert "passkey_landmark" in landmark and "yarn_mla.factor=32.0 yarn_gqa.factor=32.0" in landmark
+    assert "passkey_anchors" in anchors and ".factor=" not in anchors

@@ -30,7 +30,8 @@
 #                   GPU after the rest (MLA only: 13 fewer minutes of training, no GQA control)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
-# `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage, beside DPO.
+# `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage, beside DPO;
+# the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and evaluate at YaRN x32).
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")

@@ -85,13 +85,14 @@ case $stage in
     exit 2
     ;;
 esac
-# The base every delta is made over: the conversion as a user reruns it, on a CPU, calibrated on the token windows of
-# the study's own conversion, which ship beside the deltas (the corpus comes with Python and differs between versions).
+# The base every delta is made over: the conversion as a user reruns it, on a CPU, calibrated on the token windows that
+# ship beside the deltas (the corpus comes with Python and differs between versions, so a user's Python could not
+# reproduce windows drawn elsewhere). The tuned model need not descend from this base: the delta is their difference.
 convert=(mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu
   calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors)
 base_recipe="tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu"
 cpu_base() {  # ORIGIN_DIR: where the origin's HF directory goes (null: not written)
-  [ -f "$work/mla_256_cpu/model/config.json" ] && return 0
+  [ -f "$work/mla_256_cpu/model/config.json" ] && { [ "$1" = null ] || [ -f "$1/config.json" ]; } && return 0
   "${tune[@]}" "${convert[@]}" origin.source="$gguf" output_dir="$work/mla_256_cpu" origin_output_dir="$1" \
     > "$results/base_conversion.txt" 2>&1
 }
@@ -148,8 +149,6 @@ if runs million; then
     model_max_seq_len=1048700 "context_lengths=[1048576]" prefill_chunk=32768
 fi
 if runs delta; then
-  # The base is the conversion as a user reruns it: on a CPU, calibrated on the token windows of the study's own
-  # conversion (prepare), which ship beside the delta (the corpus comes with Python and differs between versions).
   stamp "compact delta: the MLA model after DPO over the CPU rerun of the conversion"
   cpu_base null
   python3 -m mla_components.checkpointing.delta extract --base "$work/mla_256_cpu/model" \

@@ -155,9 +155,10 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
 
 
 def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):
-    """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, its 128k and 1M runs start beside DPO,
-    DPO trains the MLA model alone from the rebuilt one, and the DPO model is evaluated at every length, at 1M, with
-    the fp8 cache and under the YaRN probe; ``start`` refuses to begin without the carried delta."""
+    """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, its 128k runs start beside DPO, DPO
+    trains the MLA model alone from the rebuilt one, and the DPO model is evaluated at every length, with the fp8
+    cache and under the YaRN probe; 1M only with ``MILLION=1``, after the rest. ``start`` refuses to begin without
+    the carried delta, or with an unknown ``PIPELINE``."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
@@ -168,6 +169,7 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
         f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODELS:-}} NAMES=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} '
         f'DELTA=${{DELTA:-}} DPO_ARGS=${{DPO_ARGS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
         '[ "$1" = delta ] && head -c 100 /dev/zero > "$3/mla_dpo_delta.safetensors"\n'
+        '[ "$1" = dpo ] && sleep 1\n'  # long enough for the runs started beside it to log their start
         "exit 0\n"
     )
     study.chmod(0o755)
@@ -181,9 +183,7 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     dpo = next(i for i, line in enumerate(lines) if line.startswith("dpo "))
     assert "MODELS=mla " in lines[dpo]
     assert "DPO_ARGS=checkpointer.checkpoint_dir=outputs/smollm2_135m/long_sft64k_mla_delta" in lines[dpo]
-    before_dpo = lines[1:dpo]  # the background runs may log before or after dpo starts: only these three exist
     after = [line for line in lines if "NAMES=mla_dpo " in line]
-    assert all("NAMES=mla_sft64k_delta " in line for line in before_dpo)
     assert [line.split()[0] for line in lines if "NAMES=mla_sft64k_delta " in line] == ["landmark", "landmark"]
     runs = {line.split()[1]: line for line in after}
     assert set(runs) == {
@@ -202,6 +202,9 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert {line.split()[0] for line in lines[dpo + 1 :]} == {"landmark", "delta", "heldout", "multi"}
     timeline = (results / "timeline.txt").read_text()
     assert timeline.index("rebuild done") < timeline.index("dpo start") < timeline.index("dpo done")
+    assert timeline.index("s64_128k_a start") < timeline.index("dpo done")  # beside DPO
+    assert timeline.index("s64_128k_b start") < timeline.index("dpo done")
+    assert timeline.index("dpo done") < timeline.index("mla_128k_a start")
     assert timeline.rstrip().endswith("pipeline done")
 
     # MILLION=1: one 1M prompt of the DPO model, started only after every other run has ended
@@ -228,6 +231,11 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     )
     assert refused.returncode == 1
     assert "carry .big/mla_sft64k_delta.safetensors" in refused.stderr
+    assert not (results / "timeline.txt").exists()
+    unknown = subprocess.run(
+        [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_deltas"}, capture_output=True, text=True
+    )
+    assert unknown.returncode == 2 and "PIPELINE=from_deltas: use pipeline or from_delta" in unknown.stderr
     assert not (results / "timeline.txt").exists()
 
 
@@ -256,3 +264,33 @@ def test_study_yarn_factor_reaches_the_trained_models_and_not_the_anchors(tmp_pa
     assert "long_dpo_mla.yaml" in dpo and dpo.split()[-1] == "yarn.factor=32.0"
     assert "passkey_landmark" in landmark and "yarn_mla.factor=32.0 yarn_gqa.factor=32.0" in landmark
     assert "passkey_anchors" in anchors and ".factor=" not in anchors
+
+
+def test_study_rebuild_converts_again_only_when_the_origin_is_missing(tmp_path):
+    """``rebuild`` needs the origin's directory (the tokenizer of every later stage): an existing CPU base is reused
+    only when the origin is there too; the base is calibrated on the shipped token windows the delta names."""
+    calls = tmp_path / "calls.txt"
+    stand_ins = tmp_path / "bin"
+    stand_ins.mkdir()
+    python = stand_ins / "python3"
+    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    python.chmod(0o755)
+    base = tmp_path / "outputs" / "smollm2_135m" / "mla_256_cpu" / "model"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "DELTA": "d.safetensors"}
+    study = [str(BENCHMARKS / "long_context_study.sh"), "rebuild", "model.gguf", str(tmp_path / "r")]
+
+    assert subprocess.run(study, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    convert, apply = calls.read_text().splitlines()
+    assert "convert_to_mla.py" in convert and "origin_output_dir=outputs/smollm2_135m/origin" in convert
+    assert "calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors" in convert
+    assert apply.split()[:3] == ["-m", "mla_components.checkpointing.delta", "apply"]
+
+    calls.unlink()
+    origin = tmp_path / "outputs" / "smollm2_135m" / "origin"
+    origin.mkdir()
+    (origin / "config.json").write_text("{}")
+    assert subprocess.run(study, cwd=tmp_path, env=env, capture_output=True).returncode == 0
+    (apply,) = calls.read_text().splitlines()
+    assert "--output outputs/smollm2_135m/long_sft64k_mla_delta" in apply

@@ -27,7 +27,7 @@
 #   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/mla_sft64k_delta.safetensors,
 #                   from git branch attempt5-artifacts), evaluated at 128k beside its DPO; then the DPO model's
 #                   grid, its delta, fp8 and YaRN-factor probes at 128k, and with MILLION=1 one 1M prompt, alone on the
-#                   GPU after the rest (MLA only: 13 fewer minutes of training, no GQA control)
+#                   GPU after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
 # `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage, beside DPO;
@@ -120,7 +120,7 @@ pipeline() {
   cp "$w/mla_256/calibration_tokens.safetensors" "$results/mla_256_calibration_tokens.safetensors"
   # the delta's base (the conversion a user reruns on a CPU) on the device's CPU, beside the training
   run base_conversion "${tune[@]}" mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml \
-    device=cpu calibration.tokens_file="$w/mla_256/calibration_tokens.safetensors" origin.source="$gguf" \
+    device=cpu calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors origin.source="$gguf" \
     output_dir="$w/mla_256_cpu" origin_output_dir=null
   stage sft
   stage sft64k
@@ -158,8 +158,8 @@ pipeline() {
   stamp "pipeline done"
 }
 
-# The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 13 minutes), so the time
-# goes to DPO and the evaluation, including the 1M-token prompts.
+# The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 16 minutes), so the time
+# goes to DPO and 20-prompt cells.
 from_delta() {
   local delta=$big/mla_sft64k_delta.safetensors landmark=("$study" landmark "$gguf" "$results")
   stamp "pipeline start (from $delta)"
@@ -169,7 +169,7 @@ from_delta() {
     EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "${landmark[@]}"
   run s64_128k_b TAG=s64_128k_b MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
     EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
-  stage dpo MODELS=mla DPO_ARGS="checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
+  stage dpo MODELS=mla DPO_ARGS="${DPO_ARGS:+$DPO_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
   run mla_128k_a TAG=mla_128k_a MODEL_NAMES=mla_dpo TRIALS=4 \
@@ -218,6 +218,13 @@ case $mode in
       exit 1
     fi
     pipeline=${PIPELINE:-pipeline}
+    case $pipeline in
+      pipeline | from_delta) ;;
+      *)
+        echo "PIPELINE=$pipeline: use pipeline or from_delta" >&2
+        exit 2
+        ;;
+    esac
     if [ "$pipeline" = from_delta ] && [ ! -f "$big/mla_sft64k_delta.safetensors" ]; then
       echo "PIPELINE=from_delta: no $big/mla_sft64k_delta.safetensors; carry .big/mla_sft64k_delta.safetensors" >&2
       exit 1

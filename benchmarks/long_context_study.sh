@@ -5,11 +5,12 @@
 # then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild GGUF RESULTS_DIR
+#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild|base GGUF RESULTS_DIR
 #   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run; delta = the MLA
 #   model after DPO as a <= 20 MB delta over the CPU conversion a user rebuilds, and its passkey beside the model's;
 #   rebuild = an earlier session's model from its delta, DELTA=file, into REBUILT (default the 64k stage's model as
-#   mla_sft64k_delta), with the origin's directory the later stages read the tokenizer from)
+#   mla_sft64k_delta), with the origin's directory the later stages read the tokenizer from; base = the CPU conversion
+#   every delta is made over, alone, e.g. beside the training)
 #
 # A 135M model leaves an H200 mostly idle, so the trained pairs (sft, dpo) train side by side, and the evaluation
 # stages can run as separate processes at once (each writes its own directory; TAG suffixes it, so one stage can be
@@ -79,9 +80,9 @@ train_all() {
 }
 
 case $stage in
-  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | rebuild | evaluate) ;;
+  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | rebuild | base | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild|base|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
@@ -158,6 +159,9 @@ if runs delta; then
     --delta "$results/mla_dpo_delta.safetensors" --output "$work/long_dpo_mla_delta"
   passkey "${MODEL_NAMES:-mla_dpo,mla_dpo_delta}" "$results/passkey_delta" prompt_format=landmark \
     trials_per_cell="${TRIALS:-2}" "context_lengths=[4096,16384,32768]"
+fi
+if runs base; then
+  cpu_base null
 fi
 if runs rebuild; then
   rebuilt=${REBUILT:-$work/long_sft64k_mla_delta}

@@ -74,6 +74,15 @@ def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
     assert all(0 < r["around_launches_us"] < r["python_us"] < 10_000 for r in rows)
 
 
+def _stand_in(tmp_path: Path, name: str, body: str) -> Path:
+    """An executable ``tmp_path/bin/NAME`` running the bash ``body``; put ``tmp_path/bin`` first on PATH."""
+    stand_in = tmp_path / "bin" / name
+    stand_in.parent.mkdir(exist_ok=True)
+    stand_in.write_text(f"#!/usr/bin/env bash\n{body}")
+    stand_in.chmod(0o755)
+    return stand_in
+
+
 def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_path):
     """``benchmarks/device/long_context_session.sh``: with stand-ins for the study's stages and for ``python3``, the
     pipeline trains before it evaluates, evaluates the DPO models at every length with 4 trials, and ``collect``
@@ -81,25 +90,18 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
-    stand_ins.mkdir()
-    study = stand_ins / "study.sh"
-    study.write_text(
-        "#!/usr/bin/env bash\n"
+    study = _stand_in(
+        tmp_path,
+        "study.sh",
         f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
         '[ "$1" = prepare ] && mkdir -p outputs/smollm2_135m/mla_256 '
         "&& echo tokens > outputs/smollm2_135m/mla_256/calibration_tokens.safetensors\n"
+        '[ "$1" = base ] && mkdir -p outputs/smollm2_135m/mla_256_cpu/model '  # the delta's base, beside training
+        "&& touch outputs/smollm2_135m/mla_256_cpu/model/config.json\n"
         '[ "$1" = delta ] && head -c 20000000 /dev/zero > "$3/mla_dpo_delta.safetensors"\n'
-        "exit 0\n"
+        "exit 0\n",
     )
-    python = stand_ins / "python3"  # the base conversion and the delta extraction
-    python.write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "python3 $*" >> {calls}\n'
-        'case "$*" in *convert_to_mla*) mkdir -p outputs/smollm2_135m/mla_256_cpu/model '
-        "&& touch outputs/smollm2_135m/mla_256_cpu/model/config.json;; esac\n"
-    )
-    for script in (study, python):
-        script.chmod(0o755)
+    _stand_in(tmp_path, "python3", f'echo "python3 $*" >> {calls}\n')  # the delta extraction
     results, out = tmp_path / "results", tmp_path / "out"
     env = {
         "PATH": f"{stand_ins}:/usr/bin:/bin",
@@ -114,7 +116,8 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     run = subprocess.run([str(session), "pipeline"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = calls.read_text().splitlines()
-    stages = [line.split()[0] for line in lines if not line.startswith("python3")]
+    stages = [line.split()[0] for line in lines if not line.startswith(("python3", "base "))]  # background runs
+    assert sum(line.startswith("base ") for line in lines) == 1
     assert stages[:3] == ["prepare", "sft", "sft64k"]
     dpo = stages.index("dpo")
     assert set(stages[dpo + 1 :]) == {"landmark", "heldout", "multi", "delta"}
@@ -162,17 +165,15 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
-    stand_ins.mkdir()
-    study = stand_ins / "study.sh"
-    study.write_text(
-        "#!/usr/bin/env bash\n"
+    study = _stand_in(
+        tmp_path,
+        "study.sh",
         f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODELS:-}} NAMES=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} '
         f'DELTA=${{DELTA:-}} DPO_ARGS=${{DPO_ARGS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
         '[ "$1" = delta ] && head -c 100 /dev/zero > "$3/mla_dpo_delta.safetensors"\n'
         '[ "$1" = dpo ] && sleep 1\n'  # long enough for the runs started beside it to log their start
-        "exit 0\n"
+        "exit 0\n",
     )
-    study.chmod(0o755)
     results, big, work = tmp_path / "results", tmp_path / "big", tmp_path / "work"
     env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "STUDY": str(study), "RESULTS": str(results), "BIG": str(big)}
     work.mkdir()
@@ -244,10 +245,7 @@ def test_study_yarn_factor_reaches_the_trained_models_and_not_the_anchors(tmp_pa
     passkey runs evaluate at it, while the untrained anchors (origin + YaRN x16) keep the configs' factor."""
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
-    stand_ins.mkdir()
-    python = stand_ins / "python3"
-    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    python.chmod(0o755)
+    _stand_in(tmp_path, "python3", f'echo "$*" >> {calls}\n')
     env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "MODELS": "mla", "YARN_FACTOR": "32.0"}
     study = BENCHMARKS / "long_context_study.sh"
     for stage in ("sft", "dpo", "landmark", "anchors"):
@@ -271,10 +269,7 @@ def test_study_rebuild_converts_again_only_when_the_origin_is_missing(tmp_path):
     only when the origin is there too; the base is calibrated on the shipped token windows the delta names."""
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
-    stand_ins.mkdir()
-    python = stand_ins / "python3"
-    python.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
-    python.chmod(0o755)
+    _stand_in(tmp_path, "python3", f'echo "$*" >> {calls}\n')
     base = tmp_path / "outputs" / "smollm2_135m" / "mla_256_cpu" / "model"
     base.mkdir(parents=True)
     (base / "config.json").write_text("{}")

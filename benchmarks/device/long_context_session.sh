@@ -85,7 +85,6 @@ wait_for_pipeline() {
 # (`python -m mla_components.evaluation.report journal`).
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} DEVICE=${DEVICE:-cuda}
 study=${STUDY:-benchmarks/long_context_study.sh} w=outputs/smollm2_135m
-tune=(python3 -m torchtune._cli.tune run)
 stage() {  # stage NAME [VAR=VALUE...]
   local name=$1
   shift
@@ -106,6 +105,9 @@ run() {  # run NAME [VAR=VALUE...] COMMAND...: in the background, logged to ev_N
     stamp "$name rc=$?"
   ) &
 }
+landmark() {  # landmark NAME MODEL_NAMES TRIALS EVAL_ARGS: a standard-prompt passkey run tagged NAME, in the background
+  run "$1" TAG="$1" MODEL_NAMES="$2" TRIALS="$3" EVAL_ARGS="$4" "$study" landmark "$gguf" "$results"
+}
 wait_for_file() {  # up to 5 minutes
   for _ in $(seq 60); do
     [ -f "$1" ] && return 0
@@ -119,9 +121,7 @@ pipeline() {
   stage prepare
   cp "$w/mla_256/calibration_tokens.safetensors" "$results/mla_256_calibration_tokens.safetensors"
   # the delta's base (the conversion a user reruns on a CPU) on the device's CPU, beside the training
-  run base_conversion "${tune[@]}" mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml \
-    device=cpu calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors origin.source="$gguf" \
-    output_dir="$w/mla_256_cpu" origin_output_dir=null
+  run base_conversion "$study" base "$gguf" "$results"
   stage sft
   stage sft64k
   run sft64k_delta bash -c "for i in \$(seq 240); do [ -f $w/mla_256_cpu/model/config.json ] && break; sleep 5; done
@@ -129,8 +129,7 @@ pipeline() {
       --tuned $w/long_sft64k_mla/epoch_0 --output $results/mla_sft64k_delta.safetensors --max-mb 20 --device \$DEVICE \
       --base-recipe 'tune run mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors output_dir=outputs/smollm2_135m/mla_256_cpu'"
   if [ -n "${EVAL_SFT64K:-}" ]; then  # the models after the 64k stage at 64k-128k, beside DPO (slows it by ~1.5 min)
-    run s64 TAG=s64 MODEL_NAMES=mla_sft64k,gqa_sft64k TRIALS=2 EVAL_ARGS="context_lengths=[65536,131072]" \
-      "$study" landmark "$gguf" "$results"
+    landmark s64 mla_sft64k,gqa_sft64k 2 "context_lengths=[65536,131072]"
   fi
   stage dpo
   # first in line: the DPO model's delta (what a later session rebuilds the model from, e.g. for the 1M run) and the
@@ -139,17 +138,13 @@ pipeline() {
     "$study" delta "$gguf" "$results"
   local m
   for m in mla gqa; do  # 128k split by depth over two processes
-    run "${m}_128k_a" TAG="${m}_128k_a" MODEL_NAMES="${m}_dpo" TRIALS=4 \
-      EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "$study" landmark "$gguf" "$results"
-    run "${m}_128k_b" TAG="${m}_128k_b" MODEL_NAMES="${m}_dpo" TRIALS=4 \
-      EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "$study" landmark "$gguf" "$results"
-    run "${m}_64k" TAG="${m}_64k" MODEL_NAMES="${m}_dpo" TRIALS=4 EVAL_ARGS="context_lengths=[65536]" \
-      "$study" landmark "$gguf" "$results"
+    landmark "${m}_128k_a" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.0,0.25]"
+    landmark "${m}_128k_b" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
+    landmark "${m}_64k" "${m}_dpo" 4 "context_lengths=[65536]"
   done
   wait_for_file "$results/mla_dpo_delta.safetensors"
   for m in mla gqa; do
-    run "${m}_4k_32k" TAG="${m}_4k_32k" MODEL_NAMES="${m}_dpo" TRIALS=4 \
-      EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" "$study" landmark "$gguf" "$results"
+    landmark "${m}_4k_32k" "${m}_dpo" 4 "context_lengths=[4096,8192,16384,32768]"
   done
   run heldout "$study" heldout "$gguf" "$results"
   run multi TAG=all MODEL_NAMES=mla_sft64k,mla_dpo,gqa_sft64k,gqa_dpo TRIALS=2 \
@@ -161,30 +156,23 @@ pipeline() {
 # The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 16 minutes), so the time
 # goes to DPO and 20-prompt cells.
 from_delta() {
-  local delta=$big/mla_sft64k_delta.safetensors landmark=("$study" landmark "$gguf" "$results")
+  local delta=$big/mla_sft64k_delta.safetensors
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
   # beside DPO: the rebuilt model at 128k, split by depth
-  run s64_128k_a TAG=s64_128k_a MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
-    EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "${landmark[@]}"
-  run s64_128k_b TAG=s64_128k_b MODEL_NAMES=mla_sft64k_delta TRIALS=4 \
-    EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
+  landmark s64_128k_a mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.0,0.25]"
+  landmark s64_128k_b mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
   stage dpo MODELS=mla DPO_ARGS="${DPO_ARGS:+$DPO_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
-  run mla_128k_a TAG=mla_128k_a MODEL_NAMES=mla_dpo TRIALS=4 \
-    EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.25]" "${landmark[@]}"
-  run mla_128k_b TAG=mla_128k_b MODEL_NAMES=mla_dpo TRIALS=4 \
-    EVAL_ARGS="context_lengths=[131072] depths=[0.5,0.75,1.0]" "${landmark[@]}"
-  run mla_64k TAG=mla_64k MODEL_NAMES=mla_dpo TRIALS=4 EVAL_ARGS="context_lengths=[65536]" "${landmark[@]}"
+  landmark mla_128k_a mla_dpo 4 "context_lengths=[131072] depths=[0.0,0.25]"
+  landmark mla_128k_b mla_dpo 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
+  landmark mla_64k mla_dpo 4 "context_lengths=[65536]"
   wait_for_file "$results/mla_dpo_delta.safetensors"
-  run mla_4k_32k TAG=mla_4k_32k MODEL_NAMES=mla_dpo TRIALS=4 EVAL_ARGS="context_lengths=[4096,8192,16384,32768]" \
-    "${landmark[@]}"
+  landmark mla_4k_32k mla_dpo 4 "context_lengths=[4096,8192,16384,32768]"
   # issue 18: the fp8 latent cache on the same 128k prompts (trials 0-1); a YaRN x32 probe of the depth-0% misses
-  run fp8_128k TAG=fp8_128k MODEL_NAMES=mla_dpo TRIALS=2 \
-    EVAL_ARGS="context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3" "${landmark[@]}"
-  run yarn32_128k TAG=yarn32_128k MODEL_NAMES=mla_dpo TRIALS=4 \
-    EVAL_ARGS="context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=32.0" "${landmark[@]}"
+  landmark fp8_128k mla_dpo 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
+  landmark yarn32_128k mla_dpo 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=32.0"
   run heldout "$study" heldout "$gguf" "$results"
   run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
     "$study" multi "$gguf" "$results"

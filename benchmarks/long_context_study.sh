@@ -5,12 +5,14 @@
 # then passkey from 4k to 128k tokens.
 # Each stage is a `tune run` of a shipped config; a stage whose output exists is skipped, so the study resumes.
 #
-#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild|base GGUF RESULTS_DIR
+#   benchmarks/long_context_study.sh prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|extract|rebuild|base GGUF RESULTS_DIR
 #   (evaluate = heldout + anchors + landmark + chat + multi, in order; million = the 1M-token run; delta = the MLA
 #   model after DPO as a <= 20 MB delta over the CPU conversion a user rebuilds, and its passkey beside the model's;
-#   rebuild = an earlier session's model from its delta, DELTA=file, into REBUILT (default the 64k stage's model as
-#   mla_sft64k_delta), with the origin's directory the later stages read the tokenizer from; base = the CPU conversion
-#   every delta is made over, alone, e.g. beside the training)
+#   extract = any tuned model, TUNED=dir, as a delta OUTPUT=file over BASE: mla (the CPU conversion, default) or
+#   origin (the GQA origin, for the control); rebuild = an earlier session's model from its delta, DELTA=file, over
+#   BASE into REBUILT (default the 64k stage's MLA model as mla_sft64k_delta), with the origin's directory the later
+#   stages read the tokenizer from; base = the CPU conversion every MLA delta is made over, alone, e.g. beside the
+#   training)
 #
 # A 135M model leaves an H200 mostly idle, so the trained pairs (sft, dpo) train side by side, and the evaluation
 # stages can run as separate processes at once (each writes its own directory; TAG suffixes it, so one stage can be
@@ -80,9 +82,9 @@ train_all() {
 }
 
 case $stage in
-  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | rebuild | base | evaluate) ;;
+  prepare | sft | sft64k | dpo | heldout | anchors | landmark | chat | multi | million | delta | extract | rebuild | base | evaluate) ;;
   *)
-    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|rebuild|base|evaluate GGUF RESULTS_DIR" >&2
+    echo "usage: $0 prepare|sft|sft64k|dpo|heldout|anchors|landmark|chat|multi|million|delta|extract|rebuild|base|evaluate GGUF RESULTS_DIR" >&2
     exit 2
     ;;
 esac
@@ -92,10 +94,28 @@ esac
 convert=(mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu
   calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors)
 base_recipe="tune run ${convert[*]} output_dir=outputs/smollm2_135m/mla_256_cpu"
+# the GQA control's base: the origin as that same command writes it (the GGUF dequantised, no calibration involved)
+origin_recipe="$base_recipe origin_output_dir=outputs/smollm2_135m/origin"
 cpu_base() {  # ORIGIN_DIR: where the origin's HF directory goes (null: not written)
   [ -f "$work/mla_256_cpu/model/config.json" ] && { [ "$1" = null ] || [ -f "$1/config.json" ]; } && return 0
   "${tune[@]}" "${convert[@]}" origin.source="$gguf" output_dir="$work/mla_256_cpu" origin_output_dir="$1" \
     > "$results/base_conversion.txt" 2>&1
+}
+
+# BASE (mla or origin) -> the base's directory and the command that rebuilds it
+base_of() {
+  case ${BASE:-mla} in
+    mla) base_dir=$work/mla_256_cpu/model recipe=$base_recipe ;;
+    origin) base_dir=$work/origin recipe=$origin_recipe ;;
+    *)
+      echo "BASE=$BASE: use mla (the CPU conversion) or origin (the GQA origin)" >&2
+      exit 2
+      ;;
+  esac
+}
+extract() {  # extract TUNED OUTPUT: TUNED as a delta over base_dir, its report beside OUTPUT
+  python3 -m mla_components.checkpointing.delta extract --base "$base_dir" --tuned "$1" --output "$2" \
+    --max-mb "${DELTA_MB:-20}" --device "${DEVICE:-cuda}" --base-recipe "$recipe" | tee "${2%.safetensors}_report.json"
 }
 
 # `evaluate` runs the four evaluation stages in order
@@ -152,23 +172,33 @@ fi
 if runs delta; then
   stamp "compact delta: the MLA model after DPO over the CPU rerun of the conversion"
   cpu_base null
-  python3 -m mla_components.checkpointing.delta extract --base "$work/mla_256_cpu/model" \
-    --tuned "$work/long_dpo_mla/epoch_0" --output "$results/mla_dpo_delta.safetensors" --max-mb "${DELTA_MB:-20}" \
-    --device "${DEVICE:-cuda}" --base-recipe "$base_recipe" | tee "$results/delta_report.json"
+  BASE=mla base_of
+  extract "$work/long_dpo_mla/epoch_0" "$results/mla_dpo_delta.safetensors"
   python3 -m mla_components.checkpointing.delta apply --base "$work/mla_256_cpu/model" \
     --delta "$results/mla_dpo_delta.safetensors" --output "$work/long_dpo_mla_delta"
   passkey "${MODEL_NAMES:-mla_dpo,mla_dpo_delta}" "$results/passkey_delta" prompt_format=landmark \
     trials_per_cell="${TRIALS:-2}" "context_lengths=[4096,16384,32768]"
 fi
+if runs extract; then
+  base_of
+  stamp "compact delta: ${TUNED:?extract needs TUNED=<a tuned checkpoint directory>} over $base_dir"
+  if [ "${BASE:-mla}" = mla ]; then
+    cpu_base null
+  elif [ ! -f "$work/origin/config.json" ]; then
+    cpu_base "$work/origin"
+  fi
+  extract "$TUNED" "${OUTPUT:?extract needs OUTPUT=<a .safetensors file>}"
+fi
 if runs base; then
   cpu_base null
 fi
 if runs rebuild; then
+  base_of
   rebuilt=${REBUILT:-$work/long_sft64k_mla_delta}
-  stamp "rebuild ${DELTA:?rebuild needs DELTA=<a delta file>} into $rebuilt: the CPU conversion it names, then the delta"
+  stamp "rebuild ${DELTA:?rebuild needs DELTA=<a delta file>} into $rebuilt: the conversion it names, then the delta"
   origin_dir=null
   [ -f "$work/origin/config.json" ] || origin_dir=$work/origin
   cpu_base "$origin_dir"
-  python3 -m mla_components.checkpointing.delta apply --base "$work/mla_256_cpu/model" --delta "$DELTA" --output "$rebuilt"
+  python3 -m mla_components.checkpointing.delta apply --base "$base_dir" --delta "$DELTA" --output "$rebuilt"
 fi
 stamp "done: $stage"

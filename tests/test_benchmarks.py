@@ -85,15 +85,18 @@ def _stand_in(tmp_path: Path, name: str, body: str) -> Path:
 
 def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_path):
     """``benchmarks/device/long_context_session.sh``: with stand-ins for the study's stages and for ``python3``, the
-    pipeline trains before it evaluates, evaluates the DPO models at every length with 4 trials, and ``collect``
-    returns the reports and each delta in parts under 16 MiB."""
+    pipeline trains before it evaluates, evaluates the DPO models at every length with 4 trials, keeps every trained
+    model as a delta (MLA over the CPU conversion, the GQA control over the origin), and ``collect`` returns the
+    reports and each delta once, in parts under 16 MiB, at most three deltas per call (a call returns 8 files)."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
     study = _stand_in(
         tmp_path,
         "study.sh",
-        f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
+        f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} ARGS=${{EVAL_ARGS:-}} '
+        f'TUNED=${{TUNED:-}} BASE=${{BASE:-}}" >> {calls}\n'
+        '[ "$1" = extract ] && head -c 20000000 /dev/zero > "$OUTPUT"\n'
         '[ "$1" = prepare ] && mkdir -p outputs/smollm2_135m/mla_256 '
         "&& echo tokens > outputs/smollm2_135m/mla_256/calibration_tokens.safetensors\n"
         '[ "$1" = base ] && mkdir -p outputs/smollm2_135m/mla_256_cpu/model '  # the delta's base, beside training
@@ -120,7 +123,13 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     assert sum(line.startswith("base ") for line in lines) == 1
     assert stages[:3] == ["prepare", "sft", "sft64k"]
     dpo = stages.index("dpo")
-    assert set(stages[dpo + 1 :]) == {"landmark", "heldout", "multi", "delta"}
+    assert set(stages[dpo + 1 :]) == {"landmark", "heldout", "multi", "delta", "extract"}
+    extracts = sorted(line.split("TUNED=")[1] for line in lines if line.startswith("extract "))
+    assert extracts == [
+        "outputs/smollm2_135m/long_dpo_gqa/epoch_0 BASE=origin",
+        "outputs/smollm2_135m/long_sft64k_gqa/epoch_0 BASE=origin",
+        "outputs/smollm2_135m/long_sft64k_mla/epoch_0 BASE=",  # the study's default: the CPU conversion
+    ]
     after_dpo = [line for line in lines if line.startswith("landmark") and "_dpo" in line]
     lengths = {arg for line in after_dpo for arg in line.split() if arg.startswith("ARGS=")}
     assert lengths == {
@@ -132,20 +141,29 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     assert not any(line.startswith("landmark TAG=s64") for line in lines)  # only with EVAL_SFT64K=1
     first_short = min(i for i, line in enumerate(lines) if "4096,8192,16384,32768" in line)
     assert lines.index(next(line for line in lines if line.startswith("delta"))) < first_short  # the delta first
-    assert sum("--tuned outputs/smollm2_135m/long_sft64k_mla/epoch_0" in line for line in lines) == 1
     timeline = (results / "timeline.txt").read_text()
     assert timeline.index("sft64k done") < timeline.index("dpo start")
     assert timeline.rstrip().endswith("pipeline done")
 
-    collected = subprocess.run([str(session), "collect"], env=env, capture_output=True, text=True, timeout=60)
-    assert collected.returncode == 0, collected.stderr
-    parts = sorted(p.name for p in out.iterdir() if p.name.startswith("mla_dpo_delta.part_"))
-    assert parts == ["mla_dpo_delta.part_aa", "mla_dpo_delta.part_ab"]
-    assert sum((out / p).stat().st_size for p in parts) == 20_000_000
-    assert all((out / p).stat().st_size < 16 * 2**20 for p in parts)
+    def collect(out: Path) -> dict[str, int]:
+        """The deltas a call returns, by name: bytes of their parts."""
+        collected = subprocess.run([str(session), "collect"], env={**env, "OUT": str(out)}, capture_output=True)
+        assert collected.returncode == 0, collected.stderr
+        assert all(p.stat().st_size < 16 * 2**20 for p in out.iterdir())
+        deltas: dict[str, int] = {}
+        for part in out.glob("*_delta.part_*"):
+            deltas[part.name.split(".")[0]] = deltas.get(part.name.split(".")[0], 0) + part.stat().st_size
+        return deltas
+
+    first = collect(out)  # the four deltas exist now: three, the MLA ones among them, in this call
+    assert len(first) == 3 and {"mla_sft64k_delta", "mla_dpo_delta"} <= set(first)
+    assert set(first.values()) == {20_000_000} and len(list(out.iterdir())) <= 8
     listing = subprocess.run(["tar", "tzf", str(out / "results.tgz")], capture_output=True, text=True).stdout
     assert "./timeline.txt" in listing and ".safetensors" not in listing
     assert not (out / "results.partial.tgz").exists()
+    second = collect(tmp_path / "out2")  # the next call: the one left, then nothing
+    assert set(second) == {"gqa_sft64k_delta", "gqa_dpo_delta"} - set(first) and len(second) == 1
+    assert collect(tmp_path / "out3") == {}
 
     # start refuses a GGUF whose parts did not all arrive, before anything runs
     (work / ".big").mkdir()
@@ -289,3 +307,38 @@ def test_study_rebuild_converts_again_only_when_the_origin_is_missing(tmp_path):
     assert subprocess.run(study, cwd=tmp_path, env=env, capture_output=True).returncode == 0
     (apply,) = calls.read_text().splitlines()
     assert "--output outputs/smollm2_135m/long_sft64k_mla_delta" in apply
+
+
+def test_study_extract_makes_a_delta_over_the_base_named_and_refuses_an_unknown_one(tmp_path):
+    """``extract``: the GQA control's delta is made over the origin and names the command that writes the origin;
+    an MLA delta is made over the CPU conversion; a BASE other than mla/origin stops before anything runs."""
+    calls = tmp_path / "calls.txt"
+    stand_ins = tmp_path / "bin"
+    _stand_in(tmp_path, "python3", f'echo "$*" >> {calls}\n')
+    for directory in ("origin", "mla_256_cpu/model"):
+        (tmp_path / "outputs" / "smollm2_135m" / directory).mkdir(parents=True)
+        (tmp_path / "outputs" / "smollm2_135m" / directory / "config.json").write_text("{}")
+    study = [str(BENCHMARKS / "long_context_study.sh"), "extract", "model.gguf", str(tmp_path / "r")]
+
+    def extract(base: str) -> subprocess.CompletedProcess:
+        env = {"PATH": f"{stand_ins}:/usr/bin:/bin", "TUNED": "t/epoch_0", "OUTPUT": "d.safetensors", "BASE": base}
+        return subprocess.run(study, cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    assert extract("origin").returncode == 0
+    assert extract("mla").returncode == 0
+    gqa, mla = calls.read_text().splitlines()  # no conversion ran: both bases exist
+    assert gqa.split()[:5] == [
+        "-m",
+        "mla_components.checkpointing.delta",
+        "extract",
+        "--base",
+        "outputs/smollm2_135m/origin",
+    ]
+    assert "--tuned t/epoch_0 --output d.safetensors" in gqa
+    assert gqa.endswith("output_dir=outputs/smollm2_135m/mla_256_cpu origin_output_dir=outputs/smollm2_135m/origin")
+    assert "--base outputs/smollm2_135m/mla_256_cpu/model" in mla
+    assert mla.endswith("output_dir=outputs/smollm2_135m/mla_256_cpu")
+
+    refused = extract("llama")
+    assert refused.returncode == 2 and "BASE=llama: use mla (the CPU conversion) or origin" in refused.stderr
+    assert len(calls.read_text().splitlines()) == 2

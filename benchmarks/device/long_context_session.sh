@@ -22,15 +22,16 @@
 #   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big
 #   start [SECS]    join the parts, copy this tree to $WORK, run $PIPELINE in the background, then `wait SECS`
 #   wait SECS       print the timeline until the pipeline ends or SECS pass; `collect` every minute and at the end
-#   collect         into $OUT: results.tgz (everything but weights) and each delta in 15 MB parts
-#   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once
+#   collect         into $OUT: results.tgz (everything but weights) and each delta once, in 15 MB parts, <= 3 per call
+#   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once; each model
+#                   after sft64k and after dpo as a delta (MLA over the CPU conversion, GQA over the origin)
 #   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/mla_sft64k_delta.safetensors,
 #                   from git branch attempt5-artifacts), evaluated at 128k beside its DPO; then the DPO model's
 #                   grid, its delta, fp8 and YaRN-factor probes at 128k, and with MILLION=1 one 1M prompt, alone on the
 #                   GPU after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
-# `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage, beside DPO;
+# `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO;
 # the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and evaluate at YaRN x32).
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta [SECONDS]}
@@ -50,12 +51,17 @@ collect() {
   # a call cut mid-write keeps the last complete archive
   tar czf "$OUT/results.partial.tgz" -C "$results" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' . \
     2>/dev/null && mv "$OUT/results.partial.tgz" "$OUT/results.tgz"
-  local delta
-  for delta in "$results"/*_delta.safetensors; do  # written atomically: a listed file is complete
+  # each delta once, the MLA ones first, at most three per call (with the archive: 7 of the 8 files and ~61 of the
+  # 64 MiB a call returns); one put in $OUT is marked sent, as what a call leaves there comes back even when it is cut
+  local delta name sent
+  sent=$(find "$OUT" -name '*_delta.part_aa' | wc -l)
+  for delta in "$results"/mla_*_delta.safetensors "$results"/*_delta.safetensors; do  # written atomically
     [ -f "$delta" ] || continue
-    local name
     name=$(basename "$delta" .safetensors)
-    [ -f "$OUT/$name.part_aa" ] || split -b 15000000 "$delta" "$OUT/$name.part_"
+    [ -f "$results/$name.sent" ] && continue
+    [ "$sent" -ge 3 ] && break
+    split -b 15000000 "$delta" "$OUT/$name.part_" && touch "$results/$name.sent"
+    sent=$((sent + 1))
   done
   ls -la "$OUT"
 }
@@ -108,6 +114,11 @@ run() {  # run NAME [VAR=VALUE...] COMMAND...: in the background, logged to ev_N
 landmark() {  # landmark NAME MODEL_NAMES TRIALS EVAL_ARGS: a standard-prompt passkey run tagged NAME, in the background
   run "$1" TAG="$1" MODEL_NAMES="$2" TRIALS="$3" EVAL_ARGS="$4" "$study" landmark "$gguf" "$results"
 }
+gqa_delta() {  # gqa_delta STAGE: the GQA control after STAGE as a delta over the origin, when it was trained
+  [[ " ${MODELS:-mla gqa} " == *" gqa "* ]] || return 0
+  run "gqa_${1}_delta" TUNED="$w/long_${1}_gqa/epoch_0" OUTPUT="$results/gqa_${1}_delta.safetensors" BASE=origin \
+    "$study" extract "$gguf" "$results"
+}
 wait_for_file() {  # up to 5 minutes
   for _ in $(seq 60); do
     [ -f "$1" ] && return 0
@@ -124,18 +135,20 @@ pipeline() {
   run base_conversion "$study" base "$gguf" "$results"
   stage sft
   stage sft64k
+  # each trained model as a delta (a later session rebuilds it from that), the MLA ones once the CPU base exists
   run sft64k_delta bash -c "for i in \$(seq 240); do [ -f $w/mla_256_cpu/model/config.json ] && break; sleep 5; done
-    python3 -m mla_components.checkpointing.delta extract --base $w/mla_256_cpu/model \
-      --tuned $w/long_sft64k_mla/epoch_0 --output $results/mla_sft64k_delta.safetensors --max-mb 20 --device \$DEVICE \
-      --base-recipe 'tune run mla_recipes/convert_to_mla.py --config configs/smollm2_135m/convert_mla_256.yaml device=cpu calibration.tokens_file=docs/results/long_context/mla_256_calibration_tokens.safetensors output_dir=outputs/smollm2_135m/mla_256_cpu'"
-  if [ -n "${EVAL_SFT64K:-}" ]; then  # the models after the 64k stage at 64k-128k, beside DPO (slows it by ~1.5 min)
-    landmark s64 mla_sft64k,gqa_sft64k 2 "context_lengths=[65536,131072]"
+    TUNED=$w/long_sft64k_mla/epoch_0 OUTPUT=$results/mla_sft64k_delta.safetensors $study extract $gguf $results"
+  gqa_delta sft64k
+  if [ -n "${EVAL_SFT64K:-}" ]; then  # the models after the 64k stage at 128k, beside DPO (slows it by ~1.5 min)
+    landmark s64_mla mla_sft64k 2 "context_lengths=[131072]"
+    [[ " ${MODELS:-mla gqa} " == *" gqa "* ]] && landmark s64_gqa gqa_sft64k 2 "context_lengths=[131072]"
   fi
   stage dpo
   # first in line: the DPO model's delta (what a later session rebuilds the model from, e.g. for the 1M run) and the
   # longest lengths; the rest once the delta is written
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
+  gqa_delta dpo
   local m
   for m in mla gqa; do  # 128k split by depth over two processes
     landmark "${m}_128k_a" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.0,0.25]"

@@ -42,6 +42,7 @@ from mla_kernels.mla_decode import (
     choose_num_splits,
     decode_bytes,
     decode_flops,
+    decode_workspace,
     default_config,
     last_stage1_report,
     mla_decode,
@@ -382,12 +383,22 @@ def _host_row(batch: int, length: int, repeats: int) -> dict:
     def fp8():
         mla_decode(q_lat, q_pe, f["c_kv"], f["k_pe"], lens, SOFTMAX_SCALE, c_kv_scale=f["c_kv_scale"])
 
+    owned = dict(  # caller-owned outputs and split scratch: the call allocates nothing
+        out=torch.empty_like(q_lat),
+        lse=torch.empty(batch, 16, device=device),
+        workspace=decode_workspace(q_lat, q_pe, c_kv, k_pe, lens),
+    )
+
+    def bf16_owned():
+        mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE, **owned)
+
     scratch = [((batch, 16, D_C), q_lat.dtype), ((batch, 16), torch.float32)]
     if splits > 1:
         scratch.append(((batch * 16 * splits * (D_C + 1),), torch.float32))
     parts = dict(
         mla_decode_us=bf16,
         mla_decode_triton_launch_us=triton_launches(bf16),
+        mla_decode_owned_buffers_us=bf16_owned,
         mla_decode_fp8_us=fp8,
         mla_decode_fp8_triton_launch_us=triton_launches(fp8),
         allocations_us=lambda: [torch.empty(shape, device=device, dtype=dtype) for shape, dtype in scratch],
@@ -405,7 +416,8 @@ def host_overhead(args) -> list[dict]:
 
     The problem is tiny (16 heads, ``HOST_SHAPES``), so the GPU finishes each launch before the host issues the
     next and a loop of calls without a sync measures the host alone: median over ``--repeats`` loops of
-    ``HOST_CALLS`` calls. Also timed alone: the call's output and scratch allocations."""
+    ``HOST_CALLS`` calls. Also timed: the call with caller-owned outputs and scratch (no allocation), and the
+    allocations alone."""
     rows = []
     for batch, length in HOST_SHAPES:
         row = _host_row(batch, length, args.repeats)
@@ -414,6 +426,7 @@ def host_overhead(args) -> list[dict]:
             f"{batch}x{length} splits={row['splits']}: mla_decode {row['mla_decode_us']:.1f} us/call vs "
             f"{row['mla_decode_triton_launch_us']:.1f} through Triton's launches ({row['mla_decode_speedup']:.1f}x); "
             f"fp8 cache {row['mla_decode_fp8_us']:.1f} vs {row['mla_decode_fp8_triton_launch_us']:.1f}; "
+            f"caller-owned buffers {row['mla_decode_owned_buffers_us']:.1f}; "
             f"allocations alone {row['allocations_us']:.1f}",
             flush=True,
         )
@@ -459,7 +472,17 @@ def host_python(args) -> list[dict]:
             def call(q_lat=q_lat, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe, lens=lens):
                 mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE)
 
+            owned = dict(
+                out=torch.empty_like(q_lat),
+                lse=torch.empty(batch, 16),
+                workspace=decode_workspace(q_lat, q_pe, c_kv, k_pe, lens),
+            )
+
+            def call_owned(q_lat=q_lat, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe, lens=lens, owned=owned):
+                mla_decode(q_lat, q_pe, c_kv, k_pe, lens, SOFTMAX_SCALE, **owned)
+
             row = dict(batch=batch, length=length, python_us=per_call_us(call))
+            row["python_owned_buffers_us"] = per_call_us(call_owned)
             CompiledLauncher.__call__ = lambda self, *launch_args: None
             try:
                 row["around_launches_us"] = per_call_us(call)
@@ -468,6 +491,7 @@ def host_python(args) -> list[dict]:
             rows.append(row)
             print(
                 f"{batch}x{length}: {row['python_us']:.1f} us/call of Python (launches included), "
+                f"{row['python_owned_buffers_us']:.1f} with caller-owned buffers, "
                 f"{row['around_launches_us']:.1f} around the launches",
                 flush=True,
             )

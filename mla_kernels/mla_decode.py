@@ -533,6 +533,9 @@ def mla_decode(
     key_mask: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: DecodeConfig | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent-space MLA decode attention.
 
@@ -553,6 +556,10 @@ def mla_decode(
         key_mask: optional bool ``[R, T]`` or ``[B, R/B, T]``; False drops a key (combined with ``seq_lens``).
         num_splits: splits per sequence (None = :func:`choose_num_splits`).
         config: launch parameters (None = :func:`default_config`).
+        out, lse: caller-owned outputs, contiguous ``[R, H, d_c]`` in the queries' dtype and ``[R, H]`` fp32
+            (None = allocated per call). With ``workspace`` a call allocates nothing, as in a CUDA graph.
+        workspace: caller-owned fp32 scratch of the split partials, from :func:`decode_workspace` for this call's
+            shapes (None = allocated per call when the call splits; ignored when it does not).
 
     Returns:
         ``(out [R, H, d_c]`` in the input dtype, ``lse [R, H]`` fp32, natural log of the sum of exp(scores)).
@@ -569,11 +576,15 @@ def mla_decode(
         _meta(key_mask),
         num_splits,
         config,
+        _meta(out),
+        _meta(lse),
+        _meta(workspace),
     )
     plan = None if torch.compiler.is_compiling() else _PLANS.get(key)  # Dynamo traces the checks and the plan
     if plan is None:
         _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale)
         plan = _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config)
+        _check_buffers(plan, q_latent, out, lse, workspace)
         if not torch.compiler.is_compiling():
             if len(_PLANS) >= MAX_PLANS:
                 _PLANS.clear()
@@ -587,12 +598,16 @@ def mla_decode(
     elif plan.convert_table:
         block_table = block_table.to(torch.int32).contiguous()
     key_mask = seq_lens if key_mask is None else key_mask.view(torch.uint8)  # never read without HAS_MASK
-    out = torch.empty(plan.out_shape, device=device, dtype=q_latent.dtype)
-    lse = torch.empty(plan.out_shape[:2], device=device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(plan.out_shape, device=device, dtype=q_latent.dtype)
+    if lse is None:
+        lse = torch.empty(plan.out_shape[:2], device=device, dtype=torch.float32)
     if plan.splits == 1:
         part_out, part_lse = out, lse
     else:  # one fp32 scratch: the partial outputs [R, H, S, d_c], then their log2-sum-exps [R, H, S]
-        part_out = torch.empty(plan.scratch_numel, device=device, dtype=torch.float32)
+        part_out = (
+            workspace if workspace is not None else torch.empty(plan.scratch_numel, device=device, dtype=torch.float32)
+        )
         part_lse = part_out[plan.part_lse_offset :]
     _STAGE1(
         plan,
@@ -606,6 +621,50 @@ def mla_decode(
     if plan.splits > 1:
         _STAGE2(plan, plan.grid2, (part_out, part_lse, out, lse), plan.stage2_ints, plan.stage2_constexprs, {})
     return out, lse
+
+
+def decode_workspace(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    c_kv_scale: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """The fp32 scratch an :func:`mla_decode` call with these arguments needs (``R * H * splits * (d_c + 1)``
+    values; none when it does not split). Allocate once, pass as ``workspace=`` to every call of these shapes."""
+    _check_inputs(q_latent, q_pe, c_kv, k_pe, seq_lens, block_table, key_mask, c_kv_scale)
+    plan = _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config)
+    return torch.empty(plan.scratch_numel if plan.splits > 1 else 0, device=q_latent.device, dtype=torch.float32)
+
+
+def _check_buffers(plan, q_latent, out, lse, workspace) -> None:
+    """Caller-owned outputs and scratch: what the launch writes must fit them (once per plan, not per call)."""
+    device = q_latent.device
+    for name, t, shape, dtype in (
+        ("out", out, plan.out_shape, q_latent.dtype),
+        ("lse", lse, plan.out_shape[:2], torch.float32),
+    ):
+        if t is not None and (
+            tuple(t.shape) != shape or t.dtype != dtype or t.device != device or not t.is_contiguous()
+        ):
+            raise ValueError(
+                f"{name} must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got "
+                f"{t.dtype} {list(t.shape)} on {t.device}{'' if t.is_contiguous() else ' (not contiguous)'}"
+            )
+    if workspace is not None and plan.splits > 1:
+        if workspace.dtype != torch.float32 or workspace.device != device or not workspace.is_contiguous():
+            raise ValueError(f"workspace must be a contiguous float32 tensor on {device}: use decode_workspace(...)")
+        if workspace.numel() < plan.scratch_numel:
+            raise ValueError(
+                f"workspace holds {workspace.numel()} values, this call needs {plan.scratch_numel} "
+                f"({plan.splits} splits): allocate it with decode_workspace(...) for these shapes"
+            )
 
 
 def _meta(t: torch.Tensor | None) -> tuple | None:
@@ -752,6 +811,7 @@ __all__ = [
     "choose_num_splits",
     "decode_bytes",
     "decode_flops",
+    "decode_workspace",
     "default_config",
     "last_stage1_report",
     "mla_decode",

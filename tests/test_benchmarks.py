@@ -72,6 +72,7 @@ def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
     rows = json.loads((tmp_path / "h.json").read_text())["host_python"]
     assert [(r["batch"], r["length"]) for r in rows] == [(1, 256), (1, 4096)]
     assert all(0 < r["around_launches_us"] < r["python_us"] < 10_000 for r in rows)
+    assert all(0 < r["python_owned_buffers_us"] < 10_000 for r in rows)
 
 
 def _stand_in(tmp_path: Path, name: str, body: str) -> Path:

@@ -20,6 +20,7 @@ from mla_kernels.mla_decode import (  # noqa: E402
     DecodeConfig,
     choose_num_splits,
     decode_bytes,
+    decode_workspace,
     default_config,
     mla_decode,
     num_sms,
@@ -206,6 +207,50 @@ def test_checks_and_launch_arguments_are_derived_once_per_call_shape(poisoned, d
     got = mla_decode(shifted, q_pe, c_kv, k_pe, lens, 0.3, config=SMALL)
     assert len(made) == 4
     check(got, mla_decode_reference(shifted, q_pe, c_kv, k_pe, lens, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3], ids=["one_split", "three_splits"])
+def test_caller_owned_outputs_and_workspace_allocate_nothing_and_give_the_same_bits(poisoned, device, splits):
+    """``out``, ``lse`` and ``workspace`` (sized by ``decode_workspace``) are written in place: the call allocates
+    nothing, returns the caller's tensors and the same bits as a call that allocates its own."""
+    q_latent, q_pe, c_kv, k_pe = make_inputs(3, 5, 64, 16, 3, 48, device, seed=12)
+    lens = torch.tensor([48, 1, 30], dtype=torch.int32, device=device)
+    args = (q_latent, q_pe, c_kv, k_pe, lens)
+    workspace = decode_workspace(*args, num_splits=splits, config=SMALL)
+    assert workspace.numel() == (0 if splits == 1 else 3 * 5 * splits * (64 + 1))
+    out = torch.empty(3, 5, 64, device=device)
+    lse = torch.empty(3, 5, device=device)
+    want = mla_decode(*args, 0.2, num_splits=splits, config=SMALL)
+    allocations = []
+    empty = torch.empty
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", lambda *a, **k: allocations.append(a) or empty(*a, **k))
+        for _ in range(2):  # the plan's first call (checks the buffers) and a cached one
+            got = mla_decode(*args, 0.2, num_splits=splits, config=SMALL, out=out, lse=lse, workspace=workspace)
+    assert allocations == []
+    assert got[0] is out and got[1] is lse
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+    check(got, mla_decode_reference(*args, 0.2), atol=2e-5)
+
+
+def test_caller_owned_buffers_that_do_not_fit_are_refused_naming_them(device):
+    q_latent, q_pe, c_kv, k_pe = make_inputs(2, 4, 32, 16, 2, 40, device, seed=13)
+    args = (q_latent, q_pe, c_kv, k_pe, torch.tensor([40, 9], dtype=torch.int32, device=device), 0.3)
+    kwargs = dict(num_splits=2, config=SMALL)
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch.float32 tensor of shape \[2, 4, 32\]"):
+        mla_decode(*args, **kwargs, out=torch.empty(2, 4, 16, device=device))
+    with pytest.raises(ValueError, match="out must be .* got torch.bfloat16"):
+        mla_decode(*args, **kwargs, out=torch.empty(2, 4, 32, device=device, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"lse must be .*\(not contiguous\)"):
+        mla_decode(*args, **kwargs, lse=torch.empty(4, 2, device=device).t())
+    with pytest.raises(ValueError, match=r"workspace holds 10 values, this call needs 528 \(2 splits\)"):
+        mla_decode(*args, **kwargs, workspace=torch.empty(10, device=device))
+    with pytest.raises(ValueError, match="workspace must be a contiguous float32 tensor"):
+        mla_decode(*args, **kwargs, workspace=torch.empty(528, device=device, dtype=torch.float16))
+    # a workspace from decode_workspace for other shapes is refused too, not overrun
+    small = decode_workspace(*args[:5], num_splits=2, config=SMALL)
+    with pytest.raises(ValueError, match="this call needs 1056 .4 splits."):
+        mla_decode(*args, num_splits=4, config=SMALL, workspace=small)
 
 
 @pytest.mark.gpu

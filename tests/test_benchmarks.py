@@ -131,7 +131,12 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
         "outputs/smollm2_135m/long_sft64k_gqa/epoch_0 BASE=origin",
         "outputs/smollm2_135m/long_sft64k_mla/epoch_0 BASE=",  # the study's default: the CPU conversion
     ]
-    after_dpo = [line for line in lines if line.startswith("landmark") and "_dpo" in line]
+    after_dpo = [line for line in lines if line.startswith("landmark") and "_dpo" in line and "fp8" not in line]
+    fp8 = [line for line in lines if line.startswith("landmark TAG=fp8_128k")]
+    assert fp8 == [
+        "landmark TAG=fp8_128k MODELS=mla_dpo TRIALS=2 "
+        "ARGS=context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3 TUNED= BASE="
+    ]
     lengths = {arg for line in after_dpo for arg in line.split() if arg.startswith("ARGS=")}
     assert lengths == {
         "ARGS=context_lengths=[131072]",  # each 128k run also gets depths=...
@@ -166,10 +171,23 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     assert set(second) == {"gqa_sft64k_delta", "gqa_dpo_delta"} - set(first) and len(second) == 1
     assert collect(tmp_path / "out3") == {}
 
+    # MODELS=mla (no GQA control): no run, delta or multi-needle name of a GQA model; EVAL_SFT64K=1 adds the 64k
+    # stage's model at 128k
+    calls.unlink()
+    (results / "timeline.txt").unlink()
+    env_mla = {**env, "MODELS": "mla", "EVAL_SFT64K": "1"}
+    run = subprocess.run([str(session), "pipeline"], cwd=work, env=env_mla, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    assert not any("gqa" in line for line in lines), [line for line in lines if "gqa" in line]
+    assert sum(line.startswith("landmark TAG=s64_mla MODELS=mla_sft64k TRIALS=2 ") for line in lines) == 1
+    assert sum(line.startswith("multi TAG=all MODELS=mla_sft64k,mla_dpo ") for line in lines) == 1
+    assert sum(line.startswith("landmark") and "TRIALS=4" in line for line in lines) == 4
+    (results / "timeline.txt").unlink()
+
     # start refuses a GGUF whose parts did not all arrive, before anything runs
     (work / ".big").mkdir()
     (work / ".big" / "gguf.part_aa").write_bytes(b"only the first part")
-    (results / "timeline.txt").unlink()
     refused = subprocess.run([str(session), "start", "5"], cwd=work, env=env, capture_output=True, text=True)
     assert refused.returncode == 1
     assert "md5 is not a1231443440b107ff29f02bdb38c9d0a (parts: gguf.part_aa)" in refused.stderr

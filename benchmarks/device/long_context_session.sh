@@ -32,7 +32,8 @@
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
 # `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO;
-# the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and evaluate at YaRN x32).
+# MODELS=mla trains and evaluates the MLA model alone (no GQA control); the study's own variables pass through (e.g.
+# YARN_FACTOR=32.0: train and evaluate at YaRN x32).
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
@@ -139,9 +140,11 @@ pipeline() {
   run sft64k_delta bash -c "for i in \$(seq 240); do [ -f $w/mla_256_cpu/model/config.json ] && break; sleep 5; done
     TUNED=$w/long_sft64k_mla/epoch_0 OUTPUT=$results/mla_sft64k_delta.safetensors $study extract $gguf $results"
   gqa_delta sft64k
+  local m models=${MODELS:-mla gqa}
   if [ -n "${EVAL_SFT64K:-}" ]; then  # the models after the 64k stage at 128k, beside DPO (slows it by ~1.5 min)
-    landmark s64_mla mla_sft64k 2 "context_lengths=[131072]"
-    [[ " ${MODELS:-mla gqa} " == *" gqa "* ]] && landmark s64_gqa gqa_sft64k 2 "context_lengths=[131072]"
+    for m in $models; do
+      landmark "s64_$m" "${m}_sft64k" 2 "context_lengths=[131072]"
+    done
   fi
   stage dpo
   # first in line: the DPO model's delta (what a later session rebuilds the model from, e.g. for the 1M run) and the
@@ -149,18 +152,21 @@ pipeline() {
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
   gqa_delta dpo
-  local m
-  for m in mla gqa; do  # 128k split by depth over two processes
+  for m in $models; do  # 128k split by depth over two processes
     landmark "${m}_128k_a" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.0,0.25]"
     landmark "${m}_128k_b" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
     landmark "${m}_64k" "${m}_dpo" 4 "context_lengths=[65536]"
   done
   wait_for_file "$results/mla_dpo_delta.safetensors"
-  for m in mla gqa; do
+  for m in $models; do
     landmark "${m}_4k_32k" "${m}_dpo" 4 "context_lengths=[4096,8192,16384,32768]"
   done
+  # issue 18: the fp8 latent cache on the same 128k prompts as the bf16 cache (trials 0-1)
+  [[ " $models " == *" mla "* ]] && landmark fp8_128k mla_dpo 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
   run heldout "$study" heldout "$gguf" "$results"
-  run multi TAG=all MODEL_NAMES=mla_sft64k,mla_dpo,gqa_sft64k,gqa_dpo TRIALS=2 \
+  local names
+  names=$(for m in $models; do echo "${m}_sft64k,${m}_dpo"; done | paste -sd,)
+  run multi TAG=all MODEL_NAMES="$names" TRIALS=2 \
     EVAL_ARGS="context_lengths=[4096,16384]" "$study" multi "$gguf" "$results"
   wait
   stamp "pipeline done"
@@ -204,7 +210,9 @@ case $mode in
     links
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     cp .big/* "$big/"
-    # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive
+    # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive (CHECKS=0:
+    # not, leaving the GPU to the pipeline)
+    [ "${CHECKS:-1}" = 0 ] && exit 0
     mkdir -p /root/checks && cp -a . /root/checks/
     (cd /root/checks && setsid nohup bash -c "export PYTHONPATH=/tmp/site:\$PWD
       python3 benchmarks/benchmark_mla.py --host-overhead --repeats 20 --json $results/host.json > $results/host.txt 2>&1

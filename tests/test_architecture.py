@@ -27,6 +27,8 @@ LAYERS: list[dict[str, list[str]]] = [
         "validation": ["mla_components._validation"],
         # the optimizer of the bf16 recipes (fp32 master weights); torch only
         "optim": ["mla_components.optim"],
+        # training losses for Torchtune's recipes (DPO with an NLL anchor); torch and torchtune only
+        "losses": ["mla_components.losses"],
     },
     # attention (with its PyTorch absorbed decode), RoPE incl. the Triton-backed one, KV cache, kernel_backend policy
     {"modules": ["mla_components.modules"]},

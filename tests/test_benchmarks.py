@@ -62,7 +62,7 @@ def test_kv_cache_report_runs_from_another_directory(tmp_path):
 def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
     """``benchmark_mla.py --host-python``: all Python of an ``mla_decode`` call (driver stubbed), per shape."""
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "benchmark_mla.py"), "--host-python", "--repeats", "2", "--json", "h.json"],
+        [sys.executable, str(BENCHMARKS / "benchmark_mla.py"), "--host-python", "--repeats", "5", "--json", "h.json"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -191,9 +191,18 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     )
     assert fresh.returncode == 3 and "it is a fresh one; run install, part, start" in fresh.stderr
 
-    # start refuses a GGUF whose parts did not all arrive, before anything runs
+    # a part that reaches a machine without the install (the install call's machine was released) says so
     (work / ".big").mkdir()
     (work / ".big" / "gguf.part_aa").write_bytes(b"only the first part")
+    part_env = {**env, "BIG": str(tmp_path / "big"), "SITE": str(tmp_path / "site")}
+    bare = subprocess.run([str(session), "part"], cwd=work, env=part_env, capture_output=True, text=True)
+    assert bare.returncode == 3 and "this is a fresh machine" in bare.stderr and "run install again" in bare.stderr
+    (tmp_path / "site" / "torchtune").mkdir(parents=True)
+    kept = subprocess.run([str(session), "part"], cwd=work, env=part_env, capture_output=True, text=True)
+    assert kept.returncode == 0, kept.stderr
+    assert (tmp_path / "big" / "gguf.part_aa").read_bytes() == b"only the first part"
+
+    # start refuses a GGUF whose parts did not all arrive, before anything runs
     refused = subprocess.run([str(session), "start", "5"], cwd=work, env=env, capture_output=True, text=True)
     assert refused.returncode == 1
     assert "md5 is not a1231443440b107ff29f02bdb38c9d0a (parts: gguf.part_aa)" in refused.stderr
@@ -283,9 +292,8 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     unknown = subprocess.run(
         [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_deltas"}, capture_output=True, text=True
     )
-    assert (
-        unknown.returncode == 2 and "PIPELINE=from_deltas: use pipeline, from_delta or from_dpo_delta" in unknown.stderr
-    )
+    assert unknown.returncode == 2
+    assert "PIPELINE=from_deltas: use pipeline, from_delta, from_dpo_delta or eval_sft64k_delta" in unknown.stderr
     assert not (results / "timeline.txt").exists()
     no_dpo_delta = subprocess.run(
         [str(session), "start", "5"],
@@ -298,10 +306,17 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert "carry .big/mla_dpo_delta.safetensors (DPO_DELTA names it)" in no_dpo_delta.stderr
 
 
-def test_device_session_from_dpo_delta_evaluates_the_rebuilt_dpo_model_without_training(tmp_path):
-    """``PIPELINE=from_dpo_delta``: the carried DPO delta is rebuilt, nothing trains, and the rebuilt model gets the
-    DPO model's whole grid (4 trials), the fp8 cache and the YaRN probe at 128k, held-out text, multi-needle and,
-    with ``MILLION=1``, the 1M prompt after the rest."""
+@pytest.mark.parametrize(
+    "pipeline, delta_var, rebuilt, model",
+    [
+        ("from_dpo_delta", "DPO_DELTA", "long_dpo_mla_delta", "mla_dpo_delta"),
+        ("eval_sft64k_delta", "SFT64K_DELTA", "long_sft64k_mla_delta", "mla_sft64k_delta"),
+    ],
+)
+def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pipeline, delta_var, rebuilt, model):
+    """``PIPELINE=from_dpo_delta`` / ``eval_sft64k_delta``: the carried delta is rebuilt, nothing trains, and the
+    rebuilt model gets the whole grid (4 trials), the fp8 cache and the YaRN probe at 128k, held-out text,
+    multi-needle and, with ``MILLION=1``, the 1M prompt after the rest."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     study = _stand_in(
@@ -318,22 +333,20 @@ def test_device_session_from_dpo_delta_evaluates_the_rebuilt_dpo_model_without_t
         "RESULTS": str(results),
         "BIG": str(big),
         "MILLION": "1",
-        "DPO_DELTA": "x32_dpo.safetensors",
+        delta_var: "x32.safetensors",
     }
-    run = subprocess.run(
-        [str(session), "from_dpo_delta"], cwd=work, env=env, capture_output=True, text=True, timeout=120
-    )
+    run = subprocess.run([str(session), pipeline], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = calls.read_text().splitlines()
-    assert lines[0].startswith("rebuild ") and f"DELTA={big}/x32_dpo.safetensors " in lines[0]
-    assert "REBUILT=outputs/smollm2_135m/long_dpo_mla_delta " in lines[0]
+    assert lines[0].startswith("rebuild ") and f"DELTA={big}/x32.safetensors " in lines[0]
+    assert f"REBUILT=outputs/smollm2_135m/{rebuilt} " in lines[0]
     assert {line.split()[0] for line in lines[1:]} == {"landmark", "heldout", "multi", "million"}
     tags = {line.split()[1] for line in lines if line.startswith("landmark ")}
     assert tags == {
         f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k", "yarn_probe_128k")
     }
-    assert all("NAMES=mla_dpo_delta " in line for line in lines[1:] if not line.startswith("heldout"))
-    assert lines[-1].startswith("million TAG=mla NAMES=mla_dpo_delta TRIALS=1 ")
+    assert all(f"NAMES={model} " in line for line in lines[1:] if not line.startswith("heldout"))
+    assert lines[-1].startswith(f"million TAG=mla NAMES={model} TRIALS=1 ")
     assert (results / "timeline.txt").read_text().rstrip().endswith("pipeline done")
 
 

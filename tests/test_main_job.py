@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from mla_components.checkpointing import load_hf_checkpoint
@@ -69,11 +70,15 @@ def test_main_job_converts_trains_and_exports_the_real_model_and_ends_with_the_p
 
     # the GPU-trained long-context model, rebuilt from the delta in the repository, retrieves on this CPU
     rebuilt = out / "long_context" / "model"
-    assert json.loads((rebuilt / "config.json").read_text())["kv_lora_rank"] == 256
+    rebuilt_config = json.loads((rebuilt / "config.json").read_text())
+    assert rebuilt_config["kv_lora_rank"] == 256 and rebuilt_config["rope_scaling"]["factor"] == 32.0
+    # evaluated at the YaRN factor it was trained at, not the passkey config's default (x16)
+    rerun = OmegaConf.load(out / "long_context" / "passkey_eval" / "passkey_eval.yaml")
+    assert rerun.model.rope_scaling.factor == 32.0
     (long_model,) = json.loads((out / "long_context" / "passkey_eval" / "results.json").read_text())["models"]
     assert [(t["context_tokens"], t["depth"]) for t in long_model["trials"]] == [(3072, 0.0), (3072, 0.5), (3072, 1.0)]
     assert all(t["prompt_tokens"] > 2900 for t in long_model["trials"])
-    assert long_model["overall_accuracy"] >= 2 / 3, long_model["trials"]  # 20/20 at 2k and 4k
+    assert long_model["overall_accuracy"] >= 2 / 3, long_model["trials"]  # 5/5 at 2k (long_context.md)
     assert proc.stdout.rstrip().endswith(
         f"The long-context model: {rebuilt} (docs/results/long_context.md has it from 4k to 128k on a GPU)"
     )

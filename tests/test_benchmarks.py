@@ -289,6 +289,19 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert refused.returncode == 1
     assert "carry .big/mla_sft64k_delta.safetensors (SFT64K_DELTA names it)" in refused.stderr
     assert not (results / "timeline.txt").exists()
+    # a delta the repository ships travels with the tree: found there (this machine then lacks only the install)
+    shipped = work / "docs" / "results" / "long_context" / "mla_long_context_delta.safetensors"
+    shipped.parent.mkdir(parents=True)
+    shipped.write_bytes(b"delta")
+    from_shipped = subprocess.run(
+        [str(session), "start", "5"],
+        cwd=work,
+        env={**env, "PIPELINE": "eval_sft64k_delta", "SFT64K_DELTA": shipped.name, "SITE": str(tmp_path / "no_site")},
+        capture_output=True,
+        text=True,
+    )
+    assert from_shipped.returncode == 1 and "run the install call first" in from_shipped.stderr, from_shipped.stderr
+    assert (big / shipped.name).read_bytes() == b"delta"
     unknown = subprocess.run(
         [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_deltas"}, capture_output=True, text=True
     )

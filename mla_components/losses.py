@@ -33,9 +33,12 @@ class DPOWithChosenNLL(DPOLoss):
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, nll_weight: float = 0.1) -> None:
-        if not (isinstance(nll_weight, int | float) and math.isfinite(nll_weight) and nll_weight >= 0):
+        def number(x) -> bool:
+            return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (number(nll_weight) and nll_weight >= 0):
             raise ValueError(f"loss.nll_weight must be a finite number >= 0 (0 is plain DPO), got {nll_weight!r}")
-        if not (isinstance(beta, int | float) and beta > 0):
+        if not (number(beta) and beta > 0):
             raise ValueError(f"loss.beta must be > 0 (DPO's temperature, typically 0.1-0.5), got {beta!r}")
         super().__init__(beta=beta, label_smoothing=label_smoothing)
         self.nll_weight = float(nll_weight)

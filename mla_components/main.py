@@ -246,10 +246,8 @@ def long_context_passkey(model_dir: Path, origin_dir: Path, output_dir: Path) ->
     from mla_components.evaluation.passkey import packaged_config
 
     cfg = packaged_config("smollm2_135m/passkey_long_compare.yaml")
-    # the model is built from the config, not from config.json: its YaRN factor must be the one it was trained at
-    rope_scaling = json.loads((model_dir / "config.json").read_text()).get("rope_scaling")
-    if rope_scaling:
-        cfg.yarn_mla = rope_scaling
+    # the model is built from the config, not from config.json: its rope must be the one it was trained with
+    cfg.yarn_mla = json.loads((model_dir / "config.json").read_text()).get("rope_scaling")
     cfg.checkpointer = [
         {
             "name": "mla_long_context",

@@ -139,11 +139,20 @@ def preflight(cfg: DictConfig) -> None:
                 _check_sample_length(cfg, sample, model.max_seq_len)
     checkpointers = [(n, cfg[n], model) for n in ("checkpointer", "ref_checkpointer") if n in cfg]
     if checkpointers and isinstance(checkpointers[0][1], ListConfig):  # compare mode: [{name, checkpointer, model?}]
+        entries = list(enumerate(checkpointers[0][1]))
         selected = cfg.get("model_names")  # a run of some models checks only theirs
+        if selected is not None:
+            names = [entry.get("name") for _, entry in entries]
+            if isinstance(selected, str) or not all(isinstance(n, str) for n in selected):
+                raise PreflightError(f"config field `model_names`: a list of names, e.g. model_names=[{names[0]}]")
+            unknown = [n for n in selected if n not in names]
+            if unknown or not selected:
+                raise PreflightError(
+                    f"config field `model_names`: {unknown or 'empty'} not among the config's models {names}"
+                )
+            entries = [(i, entry) for i, entry in entries if entry.get("name") in set(selected)]
         checkpointers = [
-            (f"checkpointer[{i}].checkpointer", entry.checkpointer, _entry_model(entry, model))
-            for i, entry in enumerate(checkpointers[0][1])
-            if selected is None or entry.get("name") in selected
+            (f"checkpointer[{i}].checkpointer", entry.checkpointer, _entry_model(entry, model)) for i, entry in entries
         ]
     for name, node, entry_model in checkpointers:
         directory = Path(node.checkpoint_dir)

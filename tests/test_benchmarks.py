@@ -208,6 +208,14 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     assert "md5 is not a1231443440b107ff29f02bdb38c9d0a (parts: gguf.part_aa)" in refused.stderr
     assert not (results / "timeline.txt").exists()
 
+    # with every part there, the default pipeline starts: this tree copied to WORK, then the wait
+    start_env = {**env, "GGUF_MD5": hashlib.md5(b"only the first part").hexdigest(), "WORK": str(tmp_path / "copy")}
+    started = subprocess.run(
+        [str(session), "start", "1"], cwd=work, env=start_env, capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0 and "unbound variable" not in started.stderr, started.stderr
+    assert (tmp_path / "copy" / ".big" / "gguf.part_aa").read_bytes() == b"only the first part"
+
 
 def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):
     """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, its 128k runs start beside DPO, DPO

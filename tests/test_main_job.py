@@ -78,7 +78,7 @@ def test_main_job_converts_trains_and_exports_the_real_model_and_ends_with_the_p
     (long_model,) = json.loads((out / "long_context" / "passkey_eval" / "results.json").read_text())["models"]
     assert [(t["context_tokens"], t["depth"]) for t in long_model["trials"]] == [(3072, 0.0), (3072, 0.5), (3072, 1.0)]
     assert all(t["prompt_tokens"] > 2900 for t in long_model["trials"])
-    assert long_model["overall_accuracy"] >= 2 / 3, long_model["trials"]  # 5/5 at 2k (long_context.md)
+    assert long_model["overall_accuracy"] >= 2 / 3, long_model["trials"]  # 20/20 at 2k-4k (long_context.md, 6b)
     assert proc.stdout.rstrip().endswith(
         f"The long-context model: {rebuilt} (docs/results/long_context.md has it from 4k to 128k on a GPU)"
     )

@@ -259,7 +259,7 @@ case $mode in
       python3 -m pytest -q -rs -p no:cacheprovider tests/kernels > $results/kernel_tests.txt 2>&1" > /dev/null 2>&1 < /dev/null &)
     ;;
   part)
-    cp .big/* "$big/" && ls -la "$big"
+    cp .big/* "$big/" && ls -la "$big" || exit 1
     # the install call's machine can be released before this call arrives: say so now, not at `start`
     if [ ! -d "$site/torchtune" ]; then
       echo "no torchtune in $site: this is a fresh machine (the install call's was released); run install again" >&2
@@ -275,7 +275,7 @@ case $mode in
     fi
     pipeline=${PIPELINE:-pipeline}
     case $pipeline in
-      pipeline) delta_var='' ;;
+      pipeline) delta_var='' delta_file='' ;;
       from_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       from_dpo_delta) delta_var=DPO_DELTA delta_file=${DPO_DELTA:-mla_dpo_delta.safetensors} ;;
       eval_sft64k_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
@@ -286,7 +286,7 @@ case $mode in
     esac
     shipped=docs/results/long_context/$delta_file  # a delta the repository ships travels with the tree
     if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ] && [ -f "$shipped" ]; then
-      cp "$shipped" "$big/"
+      cp "$shipped" "$big/" || exit 1
     fi
     if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ]; then
       echo "PIPELINE=$pipeline: no $big/$delta_file; carry .big/$delta_file ($delta_var names it)" >&2

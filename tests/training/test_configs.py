@@ -183,18 +183,26 @@ def test_mla_tune_validate_compares_the_checkpoint_config_json_with_the_model(tm
 
 
 def test_mla_tune_validate_checks_only_the_compare_entries_that_model_names_selects(tmp_path, capsys):
-    """Compare mode with ``model_names``: the unselected entries' checkpoints need not exist; a selected one's must."""
+    """Compare mode with ``model_names``: the unselected entries' checkpoints need not exist; a selected one's must;
+    a name the config lacks, an empty list or a bare string is refused."""
     cfg = OmegaConf.load(CONFIGS["mla_tiny/passkey_eval_compare"][1])
+    cfg.checkpointer[0].checkpointer.checkpoint_dir = str(tmp_path / "absent")
     cfg.checkpointer[1].checkpointer.checkpoint_dir = str(tmp_path / "dpo")
     _mla_tiny_config_json(tmp_path / "dpo")
     config = tmp_path / "compare.yaml"
     OmegaConf.save(cfg, config)
     mla_tune(["validate", "--config", str(config), "model_names=[mla_tiny_dpo]"])
     assert "config OK" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as failure:
-        mla_tune(["validate", "--config", str(config)])
-    message = str(failure.value)
-    assert "`checkpointer[0].checkpointer.checkpoint_dir`: outputs/mla_tiny/sft/epoch_2 has no config.json" in message
+    for overrides, detail in [
+        ([], f"`checkpointer[0].checkpointer.checkpoint_dir`: {tmp_path / 'absent'} has no config.json"),
+        (["model_names=[mla_tiny_sft]"], f"`checkpointer[0].checkpointer.checkpoint_dir`: {tmp_path / 'absent'} has"),
+        (["model_names=[mla_tiny_dpo,mla_tiny_rl]"], "`model_names`: ['mla_tiny_rl'] not among the config's models"),
+        (["model_names=[]"], "`model_names`: empty not among the config's models"),
+        (["model_names=mla_tiny_dpo"], "`model_names`: a list of names, e.g. model_names=[mla_tiny_sft]"),
+    ]:
+        with pytest.raises(SystemExit) as failure:
+            mla_tune(["validate", "--config", str(config), *overrides])
+        assert detail in str(failure.value), (overrides, str(failure.value))
 
 
 def test_mla_tune_validate_checks_sample_lengths_against_the_model_max_seq_len():

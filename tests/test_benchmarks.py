@@ -75,6 +75,14 @@ def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
     assert all(0 < r["python_owned_buffers_us"] < 10_000 for r in rows)
 
 
+# what a stand-in study's `rebuild` leaves: the rebuilt model's config.json, trained at REBUILT_FACTOR (default: the
+# factor the runs use), which the session checks before evaluating
+REBUILD_CONFIG = (
+    '[ "$1" = rebuild ] && mkdir -p "$REBUILT" && '
+    'echo "{\\"rope_scaling\\": {\\"factor\\": ${REBUILT_FACTOR:-${YARN_FACTOR:-16}}}}" > "$REBUILT/config.json"\n'
+)
+
+
 def _stand_in(tmp_path: Path, name: str, body: str) -> Path:
     """An executable ``tmp_path/bin/NAME`` running the bash ``body``; put ``tmp_path/bin`` first on PATH."""
     stand_in = tmp_path / "bin" / name
@@ -231,7 +239,8 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
         f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODELS:-}} NAMES=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} '
         f'DELTA=${{DELTA:-}} DPO_ARGS=${{DPO_ARGS:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
         '[ "$1" = delta ] && head -c 100 /dev/zero > "$3/mla_dpo_delta.safetensors"\n'
-        '[ "$1" = dpo ] && sleep 1\n'  # long enough for the runs started beside it to log their start
+        + REBUILD_CONFIG
+        + '[ "$1" = dpo ] && sleep 1\n'  # long enough for the runs started beside it to log their start
         "exit 0\n",
     )
     results, big, work = tmp_path / "results", tmp_path / "big", tmp_path / "work"
@@ -344,7 +353,7 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
         tmp_path,
         "study.sh",
         f'echo "$1 TAG=${{TAG:-}} NAMES=${{MODEL_NAMES:-}} TRIALS=${{TRIALS:-}} DELTA=${{DELTA:-}} '
-        f'REBUILT=${{REBUILT:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\nexit 0\n',
+        f'REBUILT=${{REBUILT:-}} ARGS=${{EVAL_ARGS:-}}" >> {calls}\n' + REBUILD_CONFIG + "exit 0\n",
     )
     results, big, work = tmp_path / "results", tmp_path / "big", tmp_path / "work"
     work.mkdir()
@@ -369,6 +378,17 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
     assert all(f"NAMES={model} " in line for line in lines[1:] if not line.startswith("heldout"))
     assert lines[-1].startswith(f"million TAG=mla NAMES={model} TRIALS=1 ")
     assert (results / "timeline.txt").read_text().rstrip().endswith("pipeline done")
+
+    # a model trained at x32 evaluated without YARN_FACTOR=32.0 would run at x16: the pipeline stops after the rebuild
+    calls.unlink()
+    (results / "timeline.txt").unlink()
+    wrong = subprocess.run(
+        [str(session), pipeline], cwd=work, env={**env, "REBUILT_FACTOR": "32.0"}, capture_output=True, text=True
+    )
+    assert wrong.returncode == 1
+    assert [line.split()[0] for line in calls.read_text().splitlines()] == ["rebuild"]
+    timeline = (results / "timeline.txt").read_text()
+    assert "has YaRN factor 32.0 in config.json, the runs would use 16; set YARN_FACTOR=32.0" in timeline
 
 
 def test_study_yarn_factor_reaches_the_trained_models_and_not_the_anchors(tmp_path):

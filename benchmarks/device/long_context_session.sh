@@ -35,6 +35,8 @@
 #   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):
 #                   no training; the same grid, probes and MILLION=1 prompt
 #   eval_sft64k_delta  the same for the MLA model after the 64k stage (.big/$SFT64K_DELTA), without DPO
+#   (the three delta pipelines stop after the rebuild when the model's config.json has another YaRN factor than
+#   YARN_FACTOR, default 16: the passkey config would build it at YARN_FACTOR)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big), SITE (the
 # wheelhouse's install, /tmp/site); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or
@@ -208,12 +210,24 @@ million_alone() {
   stamp "pipeline done"
 }
 
+# trained_factor DIR: stop the pipeline unless the model rebuilt in DIR was trained at the YaRN factor its runs use
+# (YARN_FACTOR, default the configs' 16): the passkey config builds the model at that factor, not from config.json
+trained_factor() {
+  local have want=${YARN_FACTOR:-16}
+  have=$(sed -n 's/.*"factor": *\([0-9.]*\).*/\1/p' "$1/config.json" 2>/dev/null | head -n 1)
+  if ! awk -v a="${have:-0}" -v b="$want" 'BEGIN { exit !(a == b) }'; then
+    stamp "rebuild FAILED: $1 has YaRN factor ${have:-none} in config.json, the runs would use $want; set YARN_FACTOR=$have"
+    exit 1
+  fi
+}
+
 # The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 16 minutes), so the time
 # goes to DPO and 20-prompt cells.
 from_delta() {
   local delta=$big/${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
+  trained_factor "$w/long_sft64k_mla_delta"
   # beside DPO: the rebuilt model at 128k, split by depth
   landmark s64_128k_a mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.0,0.25]"
   landmark s64_128k_b mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
@@ -233,6 +247,7 @@ from_delta() {
 evaluate_delta() {
   stamp "pipeline start (from $1)"
   stage rebuild DELTA="$1" REBUILT="$w/$2"
+  trained_factor "$w/$2"
   long_grid mla "$3"
   short_grid "$3"
   run multi TAG=all MODEL_NAMES="$3" TRIALS=2 EVAL_ARGS="context_lengths=[16384]" "$study" multi "$gguf" "$results"

@@ -26,3 +26,14 @@ def check_rope_dim(value: Any, name: str = "qk_rope_head_dim") -> None:
     check_positive_int(name, value)
     if value % 2:
         raise ValueError(f"{name} must be even (RoPE rotates pairs), got {value}")
+
+
+def check_selected_names(selected: Any, names: list[str], field: str = "model_names") -> set[str]:
+    """The entries a run selects by name from a config's list (e.g. ``model_names=[a,b]`` on the command line): a
+    non-empty list of names, each one of ``names``."""
+    if isinstance(selected, str) or not hasattr(selected, "__iter__") or not all(isinstance(n, str) for n in selected):
+        raise ValueError(f"`{field}`: a list of names, e.g. {field}=[{names[0]}]")
+    unknown = [n for n in selected if n not in names]
+    if unknown or not selected:
+        raise ValueError(f"`{field}`: {unknown or 'empty'} not among the config's models {names}")
+    return set(selected)

@@ -20,6 +20,8 @@ from torchtune.config._errors import ConfigError, InstantiationError
 from torchtune.config._parse import TuneRecipeArgumentParser
 from torchtune.config._utils import _merge_yaml_and_cli_args
 
+from mla_components._validation import check_selected_names
+
 
 class PreflightError(ValueError):
     """A config value that cannot work; the message names the config field."""
@@ -143,14 +145,11 @@ def preflight(cfg: DictConfig) -> None:
         selected = cfg.get("model_names")  # a run of some models checks only theirs
         if selected is not None:
             names = [entry.get("name") for _, entry in entries]
-            if isinstance(selected, str) or not all(isinstance(n, str) for n in selected):
-                raise PreflightError(f"config field `model_names`: a list of names, e.g. model_names=[{names[0]}]")
-            unknown = [n for n in selected if n not in names]
-            if unknown or not selected:
-                raise PreflightError(
-                    f"config field `model_names`: {unknown or 'empty'} not among the config's models {names}"
-                )
-            entries = [(i, entry) for i, entry in entries if entry.get("name") in set(selected)]
+            try:
+                keep = check_selected_names(selected, names)
+            except ValueError as error:
+                raise PreflightError(f"config field {error}") from None
+            entries = [(i, entry) for i, entry in entries if entry.get("name") in keep]
         checkpointers = [
             (f"checkpointer[{i}].checkpointer", entry.checkpointer, _entry_model(entry, model)) for i, entry in entries
         ]

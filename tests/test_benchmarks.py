@@ -226,10 +226,11 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
 
 
 def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):
-    """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, its 128k runs start beside DPO, DPO
-    trains the MLA model alone from the rebuilt one, and the DPO model is evaluated at every length, with the fp8
-    cache and under the YaRN probe; 1M only with ``MILLION=1``, after the rest. ``start`` refuses to begin without
-    the carried delta, or with an unknown ``PIPELINE``."""
+    """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, DPO trains the MLA model alone from the
+    rebuilt one, and the DPO model is evaluated at every length and with the fp8 cache; the rebuilt model's 128k runs
+    beside DPO only with ``EVAL_SFT64K=1``, the YaRN probe only with ``PROBE=1``, and 1M (bf16 and fp8 cache) only
+    with ``MILLION=1``, after the rest. ``start`` refuses to begin without the carried delta, or with an unknown
+    ``PIPELINE``."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
@@ -254,34 +255,32 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert "MODELS=mla " in lines[dpo]
     assert "DPO_ARGS=checkpointer.checkpoint_dir=outputs/smollm2_135m/long_sft64k_mla_delta" in lines[dpo]
     after = [line for line in lines if "NAMES=mla_dpo " in line]
-    assert [line.split()[0] for line in lines if "NAMES=mla_sft64k_delta " in line] == ["landmark", "landmark"]
+    assert not any(line.startswith("landmark ") and "NAMES=mla_sft64k_delta " in line for line in lines)
     runs = {line.split()[1]: line for line in after}
-    assert set(runs) == {
-        "TAG=mla_128k_a",
-        "TAG=mla_128k_b",
-        "TAG=mla_64k",
-        "TAG=mla_4k_32k",
-        "TAG=fp8_128k",
-        "TAG=yarn_probe_128k",
-    }
+    assert set(runs) == {"TAG=mla_128k_a", "TAG=mla_128k_b", "TAG=mla_64k", "TAG=mla_4k_32k", "TAG=fp8_128k"}
     assert "model.kv_cache_dtype=fp8_e4m3" in runs["TAG=fp8_128k"]
-    assert "yarn_mla.factor=32.0" in runs["TAG=yarn_probe_128k"]  # twice the configs' x16
     assert all("TRIALS=4" in runs[t] for t in ("TAG=mla_128k_a", "TAG=mla_128k_b", "TAG=mla_64k", "TAG=mla_4k_32k"))
     delta = next(i for i, line in enumerate(lines) if line.startswith("delta "))
     assert delta < lines.index(runs["TAG=mla_4k_32k"])
     assert {line.split()[0] for line in lines[dpo + 1 :]} == {"landmark", "delta", "heldout", "multi"}
     timeline = (results / "timeline.txt").read_text()
     assert timeline.index("rebuild done") < timeline.index("dpo start") < timeline.index("dpo done")
-    assert timeline.index("s64_128k_a start") < timeline.index("dpo done")  # beside DPO
-    assert timeline.index("s64_128k_b start") < timeline.index("dpo done")
     assert timeline.index("dpo done") < timeline.index("mla_128k_a start")
+    assert "s64_128k" not in timeline and "yarn_probe" not in timeline
     assert timeline.rstrip().endswith("pipeline done")
 
-    # MILLION=1: one 1M prompt of the DPO model, started only after every other run has ended; SFT64K_DELTA names
-    # the carried delta, and the probe doubles the trained YaRN factor
+    # MILLION=1: the DPO model's 1M prompt with the bf16 and the fp8 cache, started only after every other run has
+    # ended; SFT64K_DELTA names the carried delta; EVAL_SFT64K=1 runs the rebuilt model at 128k beside DPO; PROBE=1
+    # doubles the trained YaRN factor
     calls.unlink()
     (results / "timeline.txt").unlink()
-    x32 = {"MILLION": "1", "SFT64K_DELTA": "mla_sft64k_x32_delta.safetensors", "YARN_FACTOR": "32.0"}
+    x32 = {
+        "MILLION": "1",
+        "SFT64K_DELTA": "mla_sft64k_x32_delta.safetensors",
+        "YARN_FACTOR": "32.0",
+        "EVAL_SFT64K": "1",
+        "PROBE": "1",
+    }
     run = subprocess.run(
         [str(session), "from_delta"], cwd=work, env={**env, **x32}, capture_output=True, text=True, timeout=120
     )
@@ -289,11 +288,18 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     lines = calls.read_text().splitlines()
     assert f"DELTA={big}/mla_sft64k_x32_delta.safetensors" in lines[0]
     assert sum("TAG=yarn_probe_128k " in line and "yarn_mla.factor=64.0" in line for line in lines) == 1
-    assert lines[-1].startswith("million TAG=mla MODELS= NAMES=mla_dpo TRIALS=1 ") and "ARGS=depths=[0.5]" in lines[-1]
+    assert [line.split()[0] for line in lines if "NAMES=mla_sft64k_delta" in line] == ["landmark", "landmark", "multi"]
     timeline = (results / "timeline.txt").read_text().splitlines()
-    million = timeline.index(next(line for line in timeline if line.endswith("mla_1m start")))
+    assert timeline.index(next(t for t in timeline if t.endswith("s64_128k_a start"))) < timeline.index(
+        next(t for t in timeline if t.endswith("dpo done"))
+    )  # beside DPO
+    million_runs = sorted(line for line in lines if line.startswith("million "))
+    assert len(million_runs) == 2 and all("NAMES=mla_dpo TRIALS=1 " in line for line in million_runs)
+    assert million_runs[0].startswith("million TAG=mla ") and million_runs[0].endswith("ARGS=depths=[0.5]")
+    assert million_runs[1].startswith("million TAG=mla_fp8 ") and "model.kv_cache_dtype=fp8_e4m3" in million_runs[1]
+    million = min(i for i, line in enumerate(timeline) if line.endswith(("mla_1m start", "mla_1m_fp8 start")))
     assert all(not line.endswith(" start") or "mla_1m" in line for line in timeline[million:])
-    before = timeline[:million]  # every other run (11) had ended
+    before = timeline[:million]  # every other run (11, with the probe and the two 128k runs beside DPO) had ended
     assert sum(line.endswith(" start") for line in before) - 2 == sum(" rc=" in line for line in before) == 11
 
     (work / ".big").mkdir()  # every GGUF part is here, the delta is not
@@ -345,8 +351,8 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
 )
 def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pipeline, delta_var, rebuilt, model):
     """``PIPELINE=from_dpo_delta`` / ``eval_sft64k_delta``: the carried delta is rebuilt, nothing trains, and the
-    rebuilt model gets the whole grid (4 trials), the fp8 cache and the YaRN probe at 128k, held-out text,
-    multi-needle and, with ``MILLION=1``, the 1M prompt after the rest."""
+    rebuilt model gets the whole grid (4 trials), the fp8 cache at 128k, held-out text, multi-needle and, with
+    ``MILLION=1``, the 1M prompts (bf16 and fp8 cache) after the rest."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     study = _stand_in(
@@ -372,11 +378,12 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
     assert f"REBUILT=outputs/smollm2_135m/{rebuilt} " in lines[0]
     assert {line.split()[0] for line in lines[1:]} == {"landmark", "heldout", "multi", "million"}
     tags = {line.split()[1] for line in lines if line.startswith("landmark ")}
-    assert tags == {
-        f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k", "yarn_probe_128k")
-    }
+    assert tags == {f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k")}
     assert all(f"NAMES={model} " in line for line in lines[1:] if not line.startswith("heldout"))
-    assert lines[-1].startswith(f"million TAG=mla NAMES={model} TRIALS=1 ")
+    assert sorted(line.split()[:3] for line in lines[-2:]) == [
+        ["million", "TAG=mla", f"NAMES={model}"],
+        ["million", "TAG=mla_fp8", f"NAMES={model}"],
+    ]
     assert (results / "timeline.txt").read_text().rstrip().endswith("pipeline done")
 
     # a model trained at x32 evaluated without YARN_FACTOR=32.0 would run at x16: the pipeline stops after the rebuild

@@ -28,20 +28,20 @@
 #   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once; each model
 #                   after sft64k and after dpo as a delta (MLA over the CPU conversion, GQA over the origin)
 #   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/$SFT64K_DELTA, default
-#                   mla_sft64k_delta.safetensors; the deltas are on git branches attemptN-artifacts), evaluated at
-#                   128k beside its DPO; then the DPO model's grid, its delta, the fp8 cache and a probe at twice the
-#                   trained YaRN factor at 128k, and with MILLION=1 one 1M prompt, alone on the
-#                   GPU after the rest (MLA only: 16 fewer minutes of training, no GQA control)
+#                   mla_sft64k_delta.safetensors; the deltas are on git branches attemptN-artifacts), then its DPO;
+#                   then the DPO model's grid, its delta and the fp8 cache at 128k, and with MILLION=1 the 1M prompt
+#                   (bf16 and fp8 cache) after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):
-#                   no training; the same grid, probes and MILLION=1 prompt
+#                   no training; the same grid and MILLION=1 prompt
 #   eval_sft64k_delta  the same for the MLA model after the 64k stage (.big/$SFT64K_DELTA), without DPO
 #   (the three delta pipelines stop after the rebuild when the model's config.json has another YaRN factor than
 #   YARN_FACTOR, default 16: the passkey config would build it at YARN_FACTOR)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big), SITE (the
 # wheelhouse's install, /tmp/site); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or
-# eval_sft64k_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; MODELS=mla
-# trains and evaluates the MLA model alone (no GQA control); the study's own variables pass through (e.g.
+# eval_sft64k_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; PROBE=1 adds
+# a probe at twice the trained YaRN factor at 128k; MODELS=mla trains and evaluates the MLA model alone (no GQA
+# control); the study's own variables pass through (e.g.
 # YARN_FACTOR=32.0: train and evaluate at YaRN x32; DPO_ARGS="loss.nll_weight=0.0": plain DPO).
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta|eval_sft64k_delta [SECONDS]}
@@ -189,22 +189,27 @@ long_grid() {
 fp8_128k() {
   landmark fp8_128k "$1" 2 "context_lengths=[131072] model.kv_cache_dtype=fp8_e4m3"
 }
-# after long_grid, the MLA model MODEL at 4k-32k; the fp8 cache; the probe at twice the trained YaRN factor on the
-# 128k depths 0% and 50%; held-out text
+# after long_grid, the MLA model MODEL at 4k-32k; the fp8 cache; held-out text; with PROBE=1 the probe at twice the
+# trained YaRN factor on the 128k depths 0% and 50%
 short_grid() {
-  local probe
-  probe=$(awk -v f="${YARN_FACTOR:-16}" 'BEGIN { printf "%.1f", 2 * f }')
   landmark mla_4k_32k "$1" 4 "context_lengths=[4096,8192,16384,32768]"
   fp8_128k "$1"
-  landmark yarn_probe_128k "$1" 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=$probe"
+  if [ -n "${PROBE:-}" ]; then
+    local probe
+    probe=$(awk -v f="${YARN_FACTOR:-16}" 'BEGIN { printf "%.1f", 2 * f }')
+    landmark yarn_probe_128k "$1" 4 "context_lengths=[131072] depths=[0.0,0.5] yarn_mla.factor=$probe"
+  fi
   run heldout "$study" heldout "$gguf" "$results"
 }
-# 1M (MILLION=1) only on a GPU of its own, after the rest: a 1M prompt holds ~36 GB, and beside the grid's nine runs
-# (~12 GB each) it ran the others out of memory; shared with them, one 1M prompt took 22 minutes
+# 1M (MILLION=1) only after the rest: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB each) it ran
+# the others out of memory; shared with them, one 1M prompt took 22 minutes. The bf16 and the fp8 latent cache on the
+# same prompt (issue 18's 1M comparison), side by side: two such processes fit the GPU.
 million_alone() {
   wait
   if [ -n "${MILLION:-}" ]; then
     run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
+    run mla_1m_fp8 TAG=mla_fp8 MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="depths=[0.5] model.kv_cache_dtype=fp8_e4m3" \
+      "$study" million "$gguf" "$results"
     wait
   fi
   stamp "pipeline done"
@@ -228,9 +233,10 @@ from_delta() {
   stamp "pipeline start (from $delta)"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
   trained_factor "$w/long_sft64k_mla_delta"
-  # beside DPO: the rebuilt model at 128k, split by depth
-  landmark s64_128k_a mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.0,0.25]"
-  landmark s64_128k_b mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
+  if [ -n "${EVAL_SFT64K:-}" ]; then  # beside DPO: the rebuilt model at 128k, split by depth
+    landmark s64_128k_a mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.0,0.25]"
+    landmark s64_128k_b mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
+  fi
   stage dpo MODELS=mla DPO_ARGS="${DPO_ARGS:+$DPO_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
     "$study" delta "$gguf" "$results"
@@ -300,12 +306,12 @@ case $mode in
         ;;
     esac
     shipped=docs/results/long_context/$delta_file  # a delta the repository ships travels with the tree
-    if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ] && [ -f "$shipped" ]; then
-      cp "$shipped" "$big/" || exit 1
-    fi
     if [ -n "$delta_var" ] && [ ! -f "$big/$delta_file" ]; then
-      echo "PIPELINE=$pipeline: no $big/$delta_file; carry .big/$delta_file ($delta_var names it)" >&2
-      exit 1
+      if [ ! -f "$shipped" ]; then
+        echo "PIPELINE=$pipeline: no $big/$delta_file; carry .big/$delta_file ($delta_var names it)" >&2
+        exit 1
+      fi
+      cp "$shipped" "$big/" || exit 1
     fi
     if ! PYTHONPATH=$site python3 -c "import torchtune" 2> /dev/null; then
       echo "no torchtune in $site: run the install call first" >&2

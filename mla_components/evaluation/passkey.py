@@ -38,7 +38,7 @@ from torchtune import config, training, utils
 from torchtune.modules.common_utils import local_kv_cache
 from tqdm import tqdm
 
-from mla_components._validation import check_positive_int, is_positive_int
+from mla_components._validation import check_positive_int, check_selected_names, is_positive_int
 from mla_components.decoding import CudaGraphStep, chunked_prefill_greedy
 from mla_components.evaluation.judge import needle_excerpt
 from mla_components.evaluation.report import (
@@ -240,10 +240,8 @@ def model_entries(cfg: DictConfig) -> list[ModelEntry]:
             raise ValueError("checkpointer is an empty list")
         selected = cfg.get("model_names")  # a subset by name, e.g. model_names=[mla_sft,mla_dpo] on the command line
         if selected is not None:
-            unknown = sorted(set(selected) - set(names))
-            if unknown or not selected:
-                raise ValueError(f"model_names {list(selected)}: {unknown or 'empty'}; the config's models are {names}")
-            entries = [e for e in entries if e.name in set(selected)]
+            keep = check_selected_names(selected, names)
+            entries = [e for e in entries if e.name in keep]
         return entries
     name = cfg.get("name") or Path(str(cfg.checkpointer.get("checkpoint_dir", "model"))).name
     return [ModelEntry(str(name), cfg.model, cfg.checkpointer, "checkpointer")]

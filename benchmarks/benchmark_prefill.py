@@ -1,22 +1,31 @@
-"""Long-context prefill: the attention of one prefill chunk per SDPA kernel, and whole models prefilling in chunks.
+"""Long-context prefill: the attention of one MLA prefill chunk per SDPA kernel, and whole models prefilling in chunks.
 
     python benchmarks/benchmark_prefill.py chunk --contexts 131072 1048576 --json chunk.json
-    python benchmarks/benchmark_prefill.py model --models smollm2_135m_mla mla_1b gqa_1b --contexts 131072 --json m.json
+    python benchmarks/benchmark_prefill.py model --models smollm2_135m_mla mla_1b gqa_1b --contexts 131072 1048576 \
+        --json model.json
 
 ``chunk``: the last chunk of a causal prefill (``--chunk`` queries, the last of ``context`` positions, against all
 ``context`` keys), with the shapes an MLA layer hands SDPA after expanding its latent (``--heads``, query/key
 ``--qk-dim`` = nope + rope, value ``--v-dim``; default SmolLM2-135M's 9 x (64 + 64) and 64) and the lower-right
-``CausalBias`` it passes. Rows: SDPA's own choice (what ``MultiHeadLatentAttention`` runs today), then each kernel
-forced alone, and the flash kernel with the value zero-padded to the query/key width (flash needs all three widths
-equal; the output's extra columns are dropped). Every row's output is compared with the default's (``max_abs_diff``),
-and a kernel SDPA refuses for these inputs is reported as such. Median of ``--repeats``; attention TFLOP/s counts
-2 x (qk + v) FLOP per attended query-key pair and head; ``full_prefill_s`` extrapolates the measured rate to the
-whole causal prefill of ``context`` tokens.
+``CausalBias`` it passes. Rows:
+- ``sdpa_default``: SDPA's own choice, what ``MultiHeadLatentAttention`` runs. PyTorch's flash kernel needs query, key
+  and value of one width, so with a narrower value a lower-right ``CausalBias`` goes to the memory-efficient kernel.
+- ``efficient``: that kernel forced.
+- ``flash_v_padded``: the flash kernel forced, the value zero-padded to the query/key width and the extra output
+  columns dropped (the result is the same attention; the kernel does 2 x 2 x qk FLOP per pair where 2 x (qk + v) are
+  needed, and TFLOP/s counts the needed ones).
+A kernel SDPA refuses for these inputs is reported with its reason (with a forced kernel that cannot take the
+lower-right mask, PyTorch would build the whole ``[chunk, context]`` boolean mask, so only these rows are run).
+Each measured row gives ``max_abs_diff`` against ``sdpa_default``'s output. Median of ``--repeats``; TFLOP/s counts
+2 x (qk + v) FLOP per attended query-key pair and head; ``prefill_attention_s`` extrapolates the row's rate to the
+attention of a whole causal prefill of ``context`` tokens through ``--layers`` layers (default SmolLM2-135M's 30).
 
 ``model``: random weights (speed and memory do not depend on their values), batch 1, a random prompt of ``context``
 tokens through the project's own ``chunked_prefill_greedy`` (the passkey evaluation's prefill, ``--prefill-chunk``),
-then ``--new-tokens`` tokens through ``cached_greedy_decode``: prefill seconds, decode ms per token, KV-cache bytes
-and peak device memory from the model's build on (CUDA only).
+after an untimed prefill of two chunks that compiles what runs; then ``--new-tokens`` tokens through
+``cached_greedy_decode`` with a decode step captured beforehand (on CUDA a CUDA graph, as the evaluation runs it):
+prefill seconds, decode ms per token, KV-cache bytes and peak device memory from the model's build on (CUDA only).
+A model that runs out of memory at a length gets a row that says so.
 
 bf16 on CUDA, fp32 on the CPU (where the sizes must be small: the tests run ``mla_tiny`` this way).
 """
@@ -35,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from mla_components.decoding import cached_greedy_decode, chunked_prefill_greedy
+from mla_components.decoding import CudaGraphStep, cached_greedy_decode, chunked_prefill_greedy
 from mla_components.kv_cache_report import allocated_kv_cache_bytes
 from mla_components.models import gqa_1b, gqa_tiny, mla_1b, mla_tiny, smollm2_135m_mla
 
@@ -45,12 +54,6 @@ BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {
     "mla_1b": lambda n: mla_1b(max_seq_len=n),
     "gqa_1b": lambda n: gqa_1b(max_seq_len=n),
     "smollm2_135m_mla": lambda n: smollm2_135m_mla(max_seq_len=n),
-}
-KERNELS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "math": SDPBackend.MATH,
 }
 
 
@@ -79,7 +82,7 @@ def attended_pairs(queries: int, keys: int) -> int:
 
 
 def chunk_rows(
-    context: int, chunk: int, heads: int, qk_dim: int, v_dim: int, device: torch.device, repeats: int
+    context: int, chunk: int, heads: int, qk_dim: int, v_dim: int, layers: int, device: torch.device, repeats: int
 ) -> list[dict]:
     """One row per way of running the chunk's attention (see the module docstring)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -89,24 +92,22 @@ def chunk_rows(
     v = torch.randn(1, heads, context, v_dim, generator=gen, device=device, dtype=dtype)
     bias = causal_lower_right(chunk, context)
     scale = qk_dim**-0.5
-    v_padded = F.pad(v, (0, qk_dim - v_dim)) if qk_dim > v_dim else v
-    flops = attended_pairs(chunk, context) * heads * 2 * (qk_dim + v_dim)
-    full_flops = attended_pairs(context, context) * heads * 2 * (qk_dim + v_dim)
+    flops_per_pair = heads * 2 * (qk_dim + v_dim)
+    flops = attended_pairs(chunk, context) * flops_per_pair
+    prefill_flops = attended_pairs(context, context) * flops_per_pair * layers
 
     def attend(values: torch.Tensor) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, values, attn_mask=bias, scale=scale)[..., :v_dim]
 
-    reference = attend(v)
-    ways: list[tuple[str, SDPBackend | None, torch.Tensor]] = [("sdpa_default", None, v)]
-    ways += [(name, kernel, v) for name, kernel in KERNELS.items()]
-    if v_padded is not v:
-        ways.append(("flash_v_padded", SDPBackend.FLASH_ATTENTION, v_padded))
+    reference = None
+    ways: list[tuple[str, SDPBackend | None, torch.Tensor]] = [
+        ("sdpa_default", None, v),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION, v),
+        ("flash_v_padded", SDPBackend.FLASH_ATTENTION, F.pad(v, (0, qk_dim - v_dim))),
+    ]
     rows = []
     for name, kernel, values in ways:
         row = {"way": name, "context": context, "chunk": chunk, "heads": heads, "qk_dim": qk_dim, "v_dim": v_dim}
-        if kernel is SDPBackend.MATH and chunk * context * heads > 2**31:  # it materialises the [chunk, context] scores
-            rows.append({**row, "skipped": "the math kernel would hold every score of the chunk"})
-            continue
         try:
             with warnings.catch_warnings(record=True) as caught:  # SDPA says why it refuses a kernel as a warning
                 warnings.simplefilter("always")
@@ -117,12 +118,14 @@ def chunk_rows(
             reasons = [str(w.message).split(" (Triggered")[0] for w in caught] or [str(error).splitlines()[0]]
             rows.append({**row, "skipped": "; ".join(dict.fromkeys(reasons))[:400]})
             continue
+        if reference is None:
+            reference = out
         rows.append(
             {
                 **row,
                 "ms": seconds * 1e3,
                 "tflops": flops / seconds / 1e12,
-                "full_prefill_s": full_flops / (flops / seconds),
+                "prefill_attention_s": prefill_flops / (flops / seconds),
                 "max_abs_diff": float((out.float() - reference.float()).abs().max()),
             }
         )
@@ -134,6 +137,8 @@ def model_row(
 ) -> dict:
     """Chunked prefill of a random ``context``-token prompt, then greedy decode of ``new_tokens`` tokens."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    warmup_tokens = 2  # the decode step's eager call and its capture
+    cache_len = context + warmup_tokens + new_tokens + 1
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -142,21 +147,25 @@ def model_row(
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)
         try:
-            model = BUILDERS[name](context + new_tokens + 1)
+            model = BUILDERS[name](cache_len)
         finally:
             torch.set_default_dtype(previous)
     model = model.to(device).eval()
     with torch.device(device):
-        model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=context + new_tokens + 1)
+        model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=cache_len)
     vocab = model.tok_embeddings.num_embeddings
     prompt = torch.randint(0, vocab, (context,), generator=torch.Generator().manual_seed(seed)).tolist()
+    chunked_prefill_greedy(model, prompt[: 2 * prefill_chunk], 1, prefill_chunk=prefill_chunk)  # compiles, untimed
     _sync(device)
     start = time.perf_counter()
     first = chunked_prefill_greedy(model, prompt, 1, prefill_chunk=prefill_chunk)
     _sync(device)
     prefill_s = time.perf_counter() - start
+    step = CudaGraphStep(model)  # captured in the untimed tokens, replayed in the timed ones
+    warm = cached_greedy_decode(model, first[0], context, warmup_tokens, step=step)
+    _sync(device)
     start = time.perf_counter()
-    generated = cached_greedy_decode(model, first[0], context, new_tokens)
+    generated = cached_greedy_decode(model, warm[-1], context + warmup_tokens, new_tokens, step=step)
     _sync(device)
     decode_s = time.perf_counter() - start
     row = {
@@ -183,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     chunk.add_argument("--heads", type=int, default=9)
     chunk.add_argument("--qk-dim", type=int, default=128)
     chunk.add_argument("--v-dim", type=int, default=64)
+    chunk.add_argument("--layers", type=int, default=30, help="layers the prefill estimate counts")
     chunk.add_argument("--repeats", type=int, default=3)
     model = sub.add_parser("model", help="whole models: chunked prefill, then greedy decode")
     model.add_argument("--models", nargs="+", default=["smollm2_135m_mla", "mla_1b", "gqa_1b"], choices=BUILDERS)
-    model.add_argument("--contexts", type=int, nargs="+", default=[131072])
+    model.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
     model.add_argument("--prefill-chunk", type=int, default=32768)
     model.add_argument("--new-tokens", type=int, default=32)
     for p in (chunk, model):
@@ -201,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.contexts:
             if not 1 <= args.chunk <= context:
                 parser.error(f"--chunk ({args.chunk}) must be between 1 and each context ({context})")
-            rows += chunk_rows(context, args.chunk, args.heads, args.qk_dim, args.v_dim, device, args.repeats)
+            rows += chunk_rows(
+                context, args.chunk, args.heads, args.qk_dim, args.v_dim, args.layers, device, args.repeats
+            )
     else:
         for context in args.contexts:
             for name in args.models:

@@ -1,6 +1,7 @@
 """Checks of config fields shared by every layer (modules, model configs, conversion, evaluation): one wording per
 rule, each error naming the field. Imports nothing of the project, so anything may use it."""
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -31,9 +32,11 @@ def check_rope_dim(value: Any, name: str = "qk_rope_head_dim") -> None:
 def check_selected_names(selected: Any, names: list[str], field: str = "model_names") -> set[str]:
     """The entries a run selects by name from a config's list (e.g. ``model_names=[a,b]`` on the command line): a
     non-empty list of names, each one of ``names``."""
-    if isinstance(selected, str) or not hasattr(selected, "__iter__") or not all(isinstance(n, str) for n in selected):
-        raise ValueError(f"`{field}`: a list of names, e.g. {field}=[{names[0]}]")
+    if not isinstance(selected, Sequence) or isinstance(selected, str) or not all(isinstance(n, str) for n in selected):
+        raise ValueError(f"`{field}`: a list of names, e.g. {field}=[{names[0] if names else 'NAME'}]")
+    if not selected:
+        raise ValueError(f"`{field}` is empty; choose from the config's models {names}")
     unknown = [n for n in selected if n not in names]
-    if unknown or not selected:
-        raise ValueError(f"`{field}`: {unknown or 'empty'} not among the config's models {names}")
+    if unknown:
+        raise ValueError(f"`{field}`: {unknown} not among the config's models {names}")
     return set(selected)

@@ -77,23 +77,33 @@ def test_host_python_benchmark_runs_without_a_gpu(tmp_path):
 
 def test_prefill_chunk_benchmark_compares_sdpa_kernels_on_mla_shapes_without_a_gpu(tmp_path):
     """``benchmark_prefill.py chunk``: the last prefill chunk of an MLA layer's expanded heads (query/key wider than
-    the value), per SDPA kernel. On the CPU: SDPA's default and the math kernel run; flash refuses the unequal widths,
-    with SDPA's reason; flash with the value zero-padded runs and equals the default; the CUDA-only kernels are
-    reported as refused, not timed."""
+    the value). On the CPU SDPA's default runs, flash with the value zero-padded runs and gives the same attention,
+    and the CUDA-only memory-efficient kernel is reported as refused, not timed. The prefill estimate scales the
+    chunk's rate by the pairs a whole causal prefill attends, times the layers."""
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "benchmark_prefill.py"), "chunk", "--contexts", "256", "--chunk", "64",
-         "--heads", "2", "--qk-dim", "32", "--v-dim", "16", "--repeats", "2", "--device", "cpu", "--json", "c.json"],
+         "--heads", "2", "--qk-dim", "32", "--v-dim", "16", "--layers", "3", "--repeats", "2", "--device", "cpu",
+         "--json", "c.json"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["way"]: r for r in json.loads((tmp_path / "c.json").read_text())["rows"]}
-    assert set(rows) == {"sdpa_default", "flash", "efficient", "cudnn", "math", "flash_v_padded"}
-    for way in ("sdpa_default", "math", "flash_v_padded"):
-        assert rows[way]["ms"] > 0 and rows[way]["tflops"] > 0, rows[way]
-        assert rows[way]["full_prefill_s"] > rows[way]["ms"] / 1e3  # the whole prefill attends more pairs
-        assert rows[way]["max_abs_diff"] < 1e-5, rows[way]
-    assert "same last dimension" in rows["flash"]["skipped"]
-    assert "ms" not in rows["efficient"] and "ms" not in rows["cudnn"]
+    assert set(rows) == {"sdpa_default", "efficient", "flash_v_padded"}
+    assert "ms" not in rows["efficient"] and rows["efficient"]["skipped"]
+    for way in ("sdpa_default", "flash_v_padded"):
+        row = rows[way]
+        assert row["ms"] > 0 and row["tflops"] > 0, row
+        pairs_ratio = (256 * 257 // 2) / (64 * (256 - 64) + 64 * 65 // 2)
+        assert row["prefill_attention_s"] == pytest.approx(3 * pairs_ratio * row["ms"] / 1e3, rel=1e-6)
+    assert rows["flash_v_padded"]["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("queries, keys", [(1, 1), (1, 9), (4, 4), (3, 10), (64, 256)])
+def test_prefill_benchmark_counts_the_pairs_a_lower_right_causal_mask_attends(queries, keys):
+    from torch.nn.attention.bias import causal_lower_right
+
+    attended_pairs = _load(BENCHMARKS / "benchmark_prefill.py").attended_pairs
+    assert attended_pairs(queries, keys) == int(causal_lower_right(queries, keys)._materialize().sum())
 
 
 def test_prefill_model_benchmark_runs_the_project_prefill_and_decode_without_a_gpu(tmp_path):
@@ -111,7 +121,8 @@ def test_prefill_model_benchmark_runs_the_project_prefill_and_decode_without_a_g
     from mla_components.models import MLA_TINY
 
     per_position = MLA_TINY.num_layers * (MLA_TINY.kv_lora_rank + MLA_TINY.qk_rope_head_dim) * 4  # fp32 on the CPU
-    assert rows["mla_tiny"]["kv_cache_bytes"] == per_position * (300 + 3 + 1)
+    # room for the prompt, the decode step's two untimed tokens (its eager call and its capture) and the timed ones
+    assert rows["mla_tiny"]["kv_cache_bytes"] == per_position * (300 + 2 + 3 + 1)
 
 
 # what a stand-in study's `rebuild` leaves: the rebuilt model's config.json, trained at REBUILT_FACTOR (default: the
@@ -267,9 +278,9 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
 def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):
     """``PIPELINE=from_delta``: the carried 64k-stage delta is rebuilt first, DPO trains the MLA model alone from the
     rebuilt one, and the DPO model is evaluated at every length and with the fp8 cache; the rebuilt model's 128k runs
-    beside DPO only with ``EVAL_SFT64K=1``, the YaRN probe only with ``PROBE=1``, and 1M (bf16 and fp8 cache) only
-    with ``MILLION=1``, after the rest. ``start`` refuses to begin without the carried delta, or with an unknown
-    ``PIPELINE``."""
+    beside DPO only with ``EVAL_SFT64K=1``, the YaRN probe only with ``PROBE=1``, and 1M only with ``MILLION``, after
+    the rest (``both``: the bf16 cache, then the fp8 cache, each alone). ``start`` refuses to begin without the
+    carried delta, or with an unknown ``PIPELINE``."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     stand_ins = tmp_path / "bin"
@@ -308,13 +319,14 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert "s64_128k" not in timeline and "yarn_probe" not in timeline
     assert timeline.rstrip().endswith("pipeline done")
 
-    # MILLION=1: the DPO model's 1M prompt with the bf16 and the fp8 cache, started only after every other run has
-    # ended; SFT64K_DELTA names the carried delta; EVAL_SFT64K=1 runs the rebuilt model at 128k beside DPO; PROBE=1
-    # doubles the trained YaRN factor
+    # MILLION=both: the DPO model's 1M prompts with the bf16 and then the fp8 cache, the first started only after
+    # every other run has ended, the second after the first; SFT64K_DELTA names the carried delta; EVAL_SFT64K=1 runs
+    # the rebuilt model at 128k beside DPO; PROBE=1 doubles the trained YaRN factor
     calls.unlink()
     (results / "timeline.txt").unlink()
     x32 = {
-        "MILLION": "1",
+        "MILLION": "both",
+        "MILLION_DEPTHS": "0.0,0.5",
         "SFT64K_DELTA": "mla_sft64k_x32_delta.safetensors",
         "YARN_FACTOR": "32.0",
         "EVAL_SFT64K": "1",
@@ -332,12 +344,15 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert timeline.index(next(t for t in timeline if t.endswith("s64_128k_a start"))) < timeline.index(
         next(t for t in timeline if t.endswith("dpo done"))
     )  # beside DPO
-    million_runs = sorted(line for line in lines if line.startswith("million "))
+    million_runs = [line for line in lines if line.startswith("million ")]
     assert len(million_runs) == 2 and all("NAMES=mla_dpo TRIALS=1 " in line for line in million_runs)
-    assert million_runs[0].startswith("million TAG=mla ") and million_runs[0].endswith("ARGS=depths=[0.5]")
-    assert million_runs[1].startswith("million TAG=mla_fp8 ") and "model.kv_cache_dtype=fp8_e4m3" in million_runs[1]
-    million = min(i for i, line in enumerate(timeline) if line.endswith(("mla_1m start", "mla_1m_fp8 start")))
+    assert million_runs[0].startswith("million TAG=mla ") and million_runs[0].endswith("ARGS=depths=[0.0,0.5]")
+    assert million_runs[1].startswith("million TAG=mla_fp8 ")
+    assert million_runs[1].endswith("ARGS=depths=[0.0,0.5] model.kv_cache_dtype=fp8_e4m3")
+    million = timeline.index(next(line for line in timeline if line.endswith("mla_1m start")))
     assert all(not line.endswith(" start") or "mla_1m" in line for line in timeline[million:])
+    ends = [line.split("] ", 1)[1] for line in timeline[million:]]
+    assert ends[:4] == ["mla_1m start", "mla_1m rc=0", "mla_1m_fp8 start", "mla_1m_fp8 rc=0"]  # one after the other
     before = timeline[:million]  # every other run (11, with the probe and the two 128k runs beside DPO) had ended
     assert sum(line.endswith(" start") for line in before) - 2 == sum(" rc=" in line for line in before) == 11
 
@@ -391,7 +406,7 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
 def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pipeline, delta_var, rebuilt, model):
     """``PIPELINE=from_dpo_delta`` / ``eval_sft64k_delta``: the carried delta is rebuilt, nothing trains, and the
     rebuilt model gets the whole grid (4 trials), the fp8 cache at 128k, held-out text, multi-needle and, with
-    ``MILLION=1``, the 1M prompts (bf16 and fp8 cache) after the rest."""
+    ``MILLION=1``, the 1M prompt (bf16 cache) after the rest; ``GRID=0``: the 1M prompt alone."""
     session = BENCHMARKS / "device" / "long_context_session.sh"
     calls = tmp_path / "calls.txt"
     study = _stand_in(
@@ -419,11 +434,17 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
     tags = {line.split()[1] for line in lines if line.startswith("landmark ")}
     assert tags == {f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k")}
     assert all(f"NAMES={model} " in line for line in lines[1:] if not line.startswith("heldout"))
-    assert sorted(line.split()[:3] for line in lines[-2:]) == [
-        ["million", "TAG=mla", f"NAMES={model}"],
-        ["million", "TAG=mla_fp8", f"NAMES={model}"],
+    assert [line.split()[:3] for line in lines if line.startswith("million ")] == [
+        ["million", "TAG=mla", f"NAMES={model}"]
     ]
+    assert lines[-1].startswith("million ") and lines[-1].endswith("ARGS=depths=[0.5]")
     assert (results / "timeline.txt").read_text().rstrip().endswith("pipeline done")
+
+    calls.unlink()
+    (results / "timeline.txt").unlink()
+    only = subprocess.run([str(session), pipeline], cwd=work, env={**env, "GRID": "0"}, capture_output=True, text=True)
+    assert only.returncode == 0, only.stderr
+    assert [line.split()[0] for line in calls.read_text().splitlines()] == ["rebuild", "million"]
 
     # a model trained at x32 evaluated without YARN_FACTOR=32.0 would run at x16: the pipeline stops after the rebuild
     calls.unlink()

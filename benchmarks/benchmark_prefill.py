@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+from torchtune import training
 
 from mla_components.decoding import CudaGraphStep, cached_greedy_decode, chunked_prefill_greedy
 from mla_components.kv_cache_report import allocated_kv_cache_bytes
@@ -143,13 +144,8 @@ def model_row(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(seed)
-    with torch.device(device):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = BUILDERS[name](cache_len)
-        finally:
-            torch.set_default_dtype(previous)
+    with torch.device(device), training.set_default_dtype(dtype):
+        model = BUILDERS[name](cache_len)
     model = model.to(device).eval()
     with torch.device(device):
         model.setup_caches(batch_size=1, dtype=dtype, decoder_max_seq_len=cache_len)

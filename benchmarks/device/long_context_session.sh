@@ -209,17 +209,15 @@ short_grid() {
 million_alone() {
   wait
   local depths="depths=[${MILLION_DEPTHS:-0.5}]"
-  case ${MILLION:-} in
-    '') ;;
-    both)
-      run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths" "$study" million "$gguf" "$results"
-      wait
-      run mla_1m_fp8 TAG=mla_fp8 MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths model.kv_cache_dtype=fp8_e4m3" \
-        "$study" million "$gguf" "$results"
-      ;;
-    *) run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths" "$study" million "$gguf" "$results" ;;
-  esac
-  wait
+  if [ -n "${MILLION:-}" ]; then
+    run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths" "$study" million "$gguf" "$results"
+    wait
+  fi
+  if [ "${MILLION:-}" = both ]; then
+    run mla_1m_fp8 TAG=mla_fp8 MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths model.kv_cache_dtype=fp8_e4m3" \
+      "$study" million "$gguf" "$results"
+    wait
+  fi
   stamp "pipeline done"
 }
 

@@ -38,6 +38,23 @@ def _in_features(module: nn.Module) -> int:
     return module.weight.shape[1]
 
 
+def flash_value_padding(q: torch.Tensor, v: torch.Tensor, mask: object, dropout_p: float) -> int:
+    """Columns to zero-pad the value with so SDPA can run its flash kernel; 0 = run as given.
+
+    MLA's value is narrower than its query/key (``d_v < d_n + d_r``) and SDPA's flash kernel needs one head width,
+    so an unpadded causal call falls to the memory-efficient kernel. Padding costs ``d_qk - d_v`` wasted output
+    columns but flash is the faster kernel on Hopper (``benchmarks/benchmark_prefill.py chunk``). Only for CUDA
+    inference in half precision with no mask, or a ``CausalBias``, that flash accepts: elsewhere the padding would
+    buy nothing, and under autograd it would keep the wider value for the backward pass.
+    """
+    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v_dim < qk_dim <= 256 and qk_dim % 8 == 0):
+        return 0
+    if torch.is_grad_enabled() or dropout_p > 0 or not (mask is None or isinstance(mask, CausalBias)):
+        return 0
+    return qk_dim - v_dim
+
+
 # Cached steps with at most this many new tokens per sequence are decode steps: the absorbed path over the latent
 # cache (the Triton kernel with that backend; each query row streams the cache once). Longer chunks are prefill:
 # they expand the cached prefix once and run SDPA.
@@ -378,13 +395,14 @@ class MultiHeadLatentAttention(nn.Module):
         if BlockMask is not None and isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, scale=self.softmax_scale)
         else:
+            pad = flash_value_padding(q, v, mask, dropout_p)
             out = F.scaled_dot_product_attention(
                 q,
                 k,
-                v,
+                F.pad(v, (0, pad)) if pad else v,
                 attn_mask=mask if mask is None or isinstance(mask, CausalBias) else mask[:, None],
                 dropout_p=dropout_p,
                 is_causal=mask is None and self.is_causal,
                 scale=self.softmax_scale,
-            )
+            )[..., : self.v_head_dim]
         return out.transpose(1, 2)

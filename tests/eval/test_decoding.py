@@ -195,3 +195,59 @@ def test_cuda_graph_decode_equals_eager_decode_on_gpu(builder):
     graph_tokens, graph_logits = greedy_generate(model, batch, 12, cuda_graph=True)
     assert torch.equal(graph_tokens, eager_tokens)
     torch.testing.assert_close(graph_logits, eager_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_flash_value_padding_only_where_flash_can_take_the_call():
+    """The value is padded to the query/key width only for CUDA inference in half precision with no mask or a
+    CausalBias (what the flash kernel accepts); anything else runs as given."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from mla_components.modules.attention import flash_value_padding
+
+    q, v = torch.empty(1, 3, 8, 128, dtype=torch.bfloat16), torch.empty(1, 3, 8, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert flash_value_padding(q, v, None, 0.0) == 0  # the CPU: SDPA has no flash kernel to reach
+    if not torch.cuda.is_available():
+        return
+    q, v = q.cuda(), v.cuda()
+    with torch.no_grad():
+        assert flash_value_padding(q, v, causal_lower_right(8, 8), 0.0) == 64
+        assert flash_value_padding(q, v, None, 0.0) == 64
+        assert flash_value_padding(q, v, torch.ones(8, 8, dtype=torch.bool, device="cuda"), 0.0) == 0
+        assert flash_value_padding(q, v, None, 0.1) == 0
+        assert flash_value_padding(q.float(), v.float(), None, 0.0) == 0
+        assert flash_value_padding(q, q, None, 0.0) == 0
+    assert flash_value_padding(q, v, None, 0.0) == 0  # under autograd
+
+
+@torch.no_grad()
+def test_chunked_prefill_with_the_value_padded_gives_the_same_logits(monkeypatch):
+    """Padding the value (on CUDA, so SDPA runs flash) leaves every logit of a chunked prefill unchanged; forced
+    here on the CPU, where the padded call runs SDPA's own kernels."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from mla_components.modules import attention
+
+    torch.manual_seed(0)
+    model = mla_tiny(max_seq_len=512).eval()
+    for param in model.parameters():
+        param.normal_(0.0, 0.1)
+    prompt = torch.randint(0, 256, (1, 160))
+    outputs, padding = [], []
+    for padded in (False, True):
+        if padded:
+            monkeypatch.setattr(
+                attention, "flash_value_padding", lambda q, v, *a: padding.append(1) or q.shape[-1] - v.shape[-1]
+            )
+        with local_kv_cache(
+            model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=256
+        ):
+            chunks = [
+                model(
+                    prompt[:, s : s + 64], mask=causal_lower_right(64, s + 64), input_pos=torch.arange(s, s + 64)[None]
+                )
+                for s in (0, 64)  # a first chunk and one that also attends to the cached prefix
+            ]
+            outputs.append(torch.cat(chunks, 1))
+        assert bool(padding) == padded
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)

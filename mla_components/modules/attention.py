@@ -13,6 +13,8 @@ Two ways to compute the same function:
   filled prefix once and run SDPA, which beats scoring every query against the latent at long context.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,21 +40,29 @@ def _in_features(module: nn.Module) -> int:
     return module.weight.shape[1]
 
 
-def flash_value_padding(q: torch.Tensor, v: torch.Tensor, mask: object, dropout_p: float) -> int:
-    """Columns to zero-pad the value with so SDPA can run its flash kernel; 0 = run as given.
+@functools.cache
+def _flash_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)  # PyTorch's flash kernel: sm80 and newer
+
+
+def flash_value_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, dropout_p: float) -> int:
+    """Columns to widen the value by so SDPA can run its flash kernel; 0 = run as given.
 
     MLA's value is narrower than its query/key (``d_v < d_n + d_r``) and SDPA's flash kernel needs one head width,
-    so an unpadded causal call falls to the memory-efficient kernel. Padding costs ``d_qk - d_v`` wasted output
-    columns but flash is the faster kernel on Hopper (``benchmarks/benchmark_prefill.py chunk``). Only for CUDA
-    inference in half precision with no mask, or a ``CausalBias``, that flash accepts: elsewhere the padding would
-    buy nothing, and under autograd it would keep the wider value for the backward pass.
+    so an unpadded call falls to the memory-efficient kernel. The widened value costs ``d_qk - d_v`` wasted output
+    columns, but flash is the faster kernel (1.9x per prefill chunk on an H200, ``benchmarks/benchmark_prefill.py
+    chunk``). Only where flash takes the call: CUDA inference on sm80+, half precision, flash enabled, a
+    ``CausalBias`` or no mask (then square: flash refuses a non-square ``is_causal``). Elsewhere the padding would buy
+    nothing, and under autograd it would keep the wider value for the backward pass.
     """
     qk_dim, v_dim = q.shape[-1], v.shape[-1]
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v_dim < qk_dim <= 256 and qk_dim % 8 == 0):
         return 0
-    if torch.is_grad_enabled() or dropout_p > 0 or not (mask is None or isinstance(mask, CausalBias)):
+    if torch.is_grad_enabled() or dropout_p > 0 or not torch.backends.cuda.flash_sdp_enabled():
         return 0
-    return qk_dim - v_dim
+    if not (isinstance(mask, CausalBias) or (mask is None and q.shape[-2] == k.shape[-2])):
+        return 0
+    return qk_dim - v_dim if _flash_capable(q.device.index or 0) else 0
 
 
 # Cached steps with at most this many new tokens per sequence are decode steps: the absorbed path over the latent
@@ -395,14 +405,21 @@ class MultiHeadLatentAttention(nn.Module):
         if BlockMask is not None and isinstance(mask, BlockMask):
             out = flex_attention(q, k, v, block_mask=mask, scale=self.softmax_scale)
         else:
-            pad = flash_value_padding(q, v, mask, dropout_p)
+            first = 0  # the value's first column in SDPA's output
+            if flash_value_padding(q, k, v, mask, dropout_p):
+                if self.qk_nope_head_dim + self.v_head_dim == q.shape[-1]:
+                    # [k_nope | v] as it left kv_b_proj is already as wide as q and k: the value's columns come out
+                    # after k_nope's, with no padded copy of the value (2.4 GB per layer at 1M tokens, SmolLM2)
+                    v, first = kv.transpose(1, 2), self.qk_nope_head_dim
+                else:
+                    v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
             out = F.scaled_dot_product_attention(
                 q,
                 k,
-                F.pad(v, (0, pad)) if pad else v,
+                v,
                 attn_mask=mask if mask is None or isinstance(mask, CausalBias) else mask[:, None],
                 dropout_p=dropout_p,
                 is_causal=mask is None and self.is_causal,
                 scale=self.softmax_scale,
-            )[..., : self.v_head_dim]
+            )[..., first : first + self.v_head_dim]
         return out.transpose(1, 2)

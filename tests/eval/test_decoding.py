@@ -198,56 +198,90 @@ def test_cuda_graph_decode_equals_eager_decode_on_gpu(builder):
 
 
 def test_flash_value_padding_only_where_flash_can_take_the_call():
-    """The value is padded to the query/key width only for CUDA inference in half precision with no mask or a
-    CausalBias (what the flash kernel accepts); anything else runs as given."""
+    """The value is widened to the query/key width only for CUDA inference in half precision with a CausalBias or no
+    mask and a square call (what the flash kernel accepts); anything else runs as given."""
     from torch.nn.attention.bias import causal_lower_right
 
     from mla_components.modules.attention import flash_value_padding
 
     q, v = torch.empty(1, 3, 8, 128, dtype=torch.bfloat16), torch.empty(1, 3, 8, 64, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert flash_value_padding(q, v, None, 0.0) == 0  # the CPU: SDPA has no flash kernel to reach
-    if not torch.cuda.is_available():
+        assert flash_value_padding(q, q, v, None, 0.0) == 0  # the CPU: SDPA has no flash kernel to reach
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         return
     q, v = q.cuda(), v.cuda()
+    longer = torch.empty(1, 3, 16, 128, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
-        assert flash_value_padding(q, v, causal_lower_right(8, 8), 0.0) == 64
-        assert flash_value_padding(q, v, None, 0.0) == 64
-        assert flash_value_padding(q, v, torch.ones(8, 8, dtype=torch.bool, device="cuda"), 0.0) == 0
-        assert flash_value_padding(q, v, None, 0.1) == 0
-        assert flash_value_padding(q.float(), v.float(), None, 0.0) == 0
-        assert flash_value_padding(q, q, None, 0.0) == 0
-    assert flash_value_padding(q, v, None, 0.0) == 0  # under autograd
+        assert flash_value_padding(q, longer, v, causal_lower_right(8, 16), 0.0) == 64
+        assert flash_value_padding(q, q, v, None, 0.0) == 64
+        assert flash_value_padding(q, longer, v, None, 0.0) == 0  # non-square without a bias
+        assert flash_value_padding(q, q, v, torch.ones(8, 8, dtype=torch.bool, device="cuda"), 0.0) == 0
+        assert flash_value_padding(q, q, v, None, 0.1) == 0
+        assert flash_value_padding(q.float(), q.float(), v.float(), None, 0.0) == 0
+        assert flash_value_padding(q, q, q, None, 0.0) == 0
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
+            assert flash_value_padding(q, q, v, None, 0.0) == 0  # flash turned off
+    assert flash_value_padding(q, q, v, None, 0.0) == 0  # under autograd
 
 
-@torch.no_grad()
-def test_chunked_prefill_with_the_value_padded_gives_the_same_logits(monkeypatch):
-    """Padding the value (on CUDA, so SDPA runs flash) leaves every logit of a chunked prefill unchanged; forced
-    here on the CPU, where the padded call runs SDPA's own kernels."""
+def _prefill_two_chunks(model, prompt, device, dtype):
+    """Logits of a 128-token prompt prefilled into the cache in two chunks, the second attending to the first."""
     from torch.nn.attention.bias import causal_lower_right
 
-    from mla_components.modules import attention
+    with local_kv_cache(model, batch_size=1, device=device, dtype=dtype, decoder_max_seq_len=256):
+        chunks = [
+            model(prompt[:, s : s + 64], mask=causal_lower_right(64, s + 64), input_pos=torch.arange(s, s + 64)[None])
+            for s in (0, 64)
+        ]
+    return torch.cat(chunks, 1)
+
+
+def _random_mla(kind: str, device: str, dtype: torch.dtype):
+    from mla_components.models import MLAConfig, mla
 
     torch.manual_seed(0)
-    model = mla_tiny(max_seq_len=512).eval()
+    if kind == "value_within_kv":  # d_n + d_v == d_n + d_r: the expanded [k_nope | v] is the widened value
+        model = mla_tiny(max_seq_len=512)
+    else:  # d_n 12 + d_v 10 != d_n 12 + d_r 8: the value is zero-padded
+        model = mla(
+            MLAConfig(vocab_size=256, num_layers=2, num_heads=3, embed_dim=48, intermediate_dim=80, max_seq_len=512,
+                      q_lora_rank=24, kv_lora_rank=40, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                      rope_base=10_000.0, rope_scaling=None, norm_eps=1e-6, tie_word_embeddings=False,
+                      kernel_backend="torch")
+        )  # fmt: skip
     for param in model.parameters():
         param.normal_(0.0, 0.1)
-    prompt = torch.randint(0, 256, (1, 160))
-    outputs, padding = [], []
-    for padded in (False, True):
-        if padded:
-            monkeypatch.setattr(
-                attention, "flash_value_padding", lambda q, v, *a: padding.append(1) or q.shape[-1] - v.shape[-1]
-            )
-        with local_kv_cache(
-            model, batch_size=1, device=torch.device("cpu"), dtype=torch.float32, decoder_max_seq_len=256
-        ):
-            chunks = [
-                model(
-                    prompt[:, s : s + 64], mask=causal_lower_right(64, s + 64), input_pos=torch.arange(s, s + 64)[None]
-                )
-                for s in (0, 64)  # a first chunk and one that also attends to the cached prefix
-            ]
-            outputs.append(torch.cat(chunks, 1))
-        assert bool(padding) == padded
-    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("kind", ["value_within_kv", "value_padded"])
+@torch.no_grad()
+def test_chunked_prefill_with_the_value_widened_gives_the_same_logits(monkeypatch, kind):
+    """Widening the value for flash (on CUDA) leaves every logit of a chunked prefill unchanged, both ways: the
+    expanded ``[k_nope | v]`` read from its value columns, and a zero-padded value. Forced here on the CPU."""
+    from mla_components.modules import attention
+
+    model = _random_mla(kind, "cpu", torch.float32)
+    prompt = torch.randint(0, 256, (1, 128))
+    expected = _prefill_two_chunks(model, prompt, torch.device("cpu"), torch.float32)
+    widened = []
+    monkeypatch.setattr(attention, "flash_value_padding", lambda q, k, v, *a: widened.append(1) or q.shape[-1])
+    got = _prefill_two_chunks(model, prompt, torch.device("cpu"), torch.float32)
+    assert widened
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (SDPA's flash kernel)")
+@pytest.mark.parametrize("kind", ["value_within_kv", "value_padded"])
+@torch.inference_mode()
+def test_chunked_prefill_on_flash_matches_the_unwidened_call_on_gpu(monkeypatch, kind):
+    """bf16 on the GPU: the chunked prefill with the widened value (flash) against the same model with the widening
+    turned off (the memory-efficient kernel), within bf16 rounding of the logits."""
+    from mla_components.modules import attention
+
+    model = _random_mla(kind, "cuda", torch.bfloat16)
+    prompt = torch.randint(0, 256, (1, 128), device="cuda")
+    widened = _prefill_two_chunks(model, prompt, torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(attention, "flash_value_padding", lambda *a: 0)
+    plain = _prefill_two_chunks(model, prompt, torch.device("cuda"), torch.bfloat16)
+    torch.testing.assert_close(widened.float(), plain.float(), rtol=2e-2, atol=2e-2)

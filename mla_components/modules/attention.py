@@ -45,8 +45,9 @@ def _flash_capable(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)  # PyTorch's flash kernel: sm80 and newer
 
 
-def flash_value_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object, dropout_p: float) -> int:
-    """Columns to widen the value by so SDPA can run its flash kernel; 0 = run as given.
+def flash_value_padding(q: torch.Tensor, kv_len: int, v_dim: int, mask: object, dropout_p: float) -> int:
+    """Columns to widen the value by so SDPA can run its flash kernel; 0 = run as given. ``q [b, n_h, s_x, d_qk]``
+    attends to ``kv_len`` keys with values ``v_dim`` wide.
 
     MLA's value is narrower than its query/key (``d_v < d_n + d_r``) and SDPA's flash kernel needs one head width,
     so an unpadded call falls to the memory-efficient kernel. The widened value costs ``d_qk - d_v`` wasted output
@@ -55,12 +56,12 @@ def flash_value_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     ``CausalBias`` or no mask (then square: flash refuses a non-square ``is_causal``). Elsewhere the padding would buy
     nothing, and under autograd it would keep the wider value for the backward pass.
     """
-    qk_dim, v_dim = q.shape[-1], v.shape[-1]
+    qk_dim = q.shape[-1]
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v_dim < qk_dim <= 256 and qk_dim % 8 == 0):
         return 0
     if torch.is_grad_enabled() or dropout_p > 0 or not torch.backends.cuda.flash_sdp_enabled():
         return 0
-    if not (isinstance(mask, CausalBias) or (mask is None and q.shape[-2] == k.shape[-2])):
+    if not (isinstance(mask, CausalBias) or (mask is None and q.shape[-2] == kv_len)):
         return 0
     return qk_dim - v_dim if _flash_capable(q.device.index or 0) else 0
 
@@ -386,6 +387,30 @@ class MultiHeadLatentAttention(nn.Module):
         )
         return out.view(b, s, n_h, d_c)
 
+    def _expanded_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys ``[b, n_h, s_y, d_n + d_r]`` and values ``[b, n_h, s_y, d_v]`` from the latent
+        ``c_kv [b, s_y, d_c]`` and the shared rope key ``k_pe [b, s_y, d_r]``."""
+        b, s_y, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, s_y, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def _widened_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`_expanded_kv`, the values zero-padded to the keys' width ``d_n + d_r`` (for SDPA's flash kernel).
+
+        Each comes from its own projection, with ``W_UK`` / ``W_UV`` padded by zero rows, and the rope key is written
+        into the keys in place: no ``[k_nope | v]`` expansion or unpadded value is held beside them (at 1M tokens,
+        mla_1b's keys and padded values are 6.4 GB each, and the expansion would add 8.6 GB).
+        """
+        b, s_y, _ = c_kv.shape
+        width, (w_uk, w_uv) = self.qk_nope_head_dim + self.qk_rope_head_dim, self._kv_b_weights()
+        k = F.linear(c_kv, F.pad(w_uk, (0, 0, 0, self.qk_rope_head_dim)).flatten(0, 1))
+        k = k.view(b, s_y, self.num_heads, width)
+        k[..., self.qk_nope_head_dim :] = k_pe.unsqueeze(2)
+        v = F.linear(c_kv, F.pad(w_uv, (0, 0, 0, width - self.v_head_dim)).flatten(0, 1))
+        return k.transpose(1, 2), v.view(b, s_y, self.num_heads, width).transpose(1, 2)
+
     def _expanded_attention(
         self,
         q_nope: torch.Tensor,
@@ -395,31 +420,22 @@ class MultiHeadLatentAttention(nn.Module):
         mask: _MaskType | None,
     ) -> torch.Tensor:
         """Decompress the latent to per-head K/V and run SDPA; returns ``[b, s_x, n_h, d_v]``."""
-        b, s_y, _ = c_kv.shape
-        kv = self.kv_b_proj(c_kv).view(b, s_y, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, n_h, s, head_dim]
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [b, n_h, s_x, d_n + d_r]
         dropout_p = self.attn_dropout if self.training else 0.0
         if BlockMask is not None and isinstance(mask, BlockMask):
-            out = flex_attention(q, k, v, block_mask=mask, scale=self.softmax_scale)
+            k, v = self._expanded_kv(c_kv, k_pe)
+            return flex_attention(q, k, v, block_mask=mask, scale=self.softmax_scale).transpose(1, 2)
+        if flash_value_padding(q, c_kv.shape[1], self.v_head_dim, mask, dropout_p):
+            k, v = self._widened_kv(c_kv, k_pe)
         else:
-            first = 0  # the value's first column in SDPA's output
-            if flash_value_padding(q, k, v, mask, dropout_p):
-                if self.qk_nope_head_dim + self.v_head_dim == q.shape[-1]:
-                    # [k_nope | v] as it left kv_b_proj is already as wide as q and k: the value's columns come out
-                    # after k_nope's, with no padded copy of the value (2.4 GB per layer at 1M tokens, SmolLM2)
-                    v, first = kv.transpose(1, 2), self.qk_nope_head_dim
-                else:
-                    v = F.pad(v, (0, q.shape[-1] - self.v_head_dim))
-            out = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask if mask is None or isinstance(mask, CausalBias) else mask[:, None],
-                dropout_p=dropout_p,
-                is_causal=mask is None and self.is_causal,
-                scale=self.softmax_scale,
-            )[..., first : first + self.v_head_dim]
-        return out.transpose(1, 2)
+            k, v = self._expanded_kv(c_kv, k_pe)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask if mask is None or isinstance(mask, CausalBias) else mask[:, None],
+            dropout_p=dropout_p,
+            is_causal=mask is None and self.is_causal,
+            scale=self.softmax_scale,
+        )
+        return out[..., : self.v_head_dim].transpose(1, 2)

@@ -204,24 +204,23 @@ def test_flash_value_padding_only_where_flash_can_take_the_call():
 
     from mla_components.modules.attention import flash_value_padding
 
-    q, v = torch.empty(1, 3, 8, 128, dtype=torch.bfloat16), torch.empty(1, 3, 8, 64, dtype=torch.bfloat16)
+    q = torch.empty(1, 3, 8, 128, dtype=torch.bfloat16)  # [b, n_h, s_x, d_qk]
     with torch.no_grad():
-        assert flash_value_padding(q, q, v, None, 0.0) == 0  # the CPU: SDPA has no flash kernel to reach
+        assert flash_value_padding(q, 8, 64, None, 0.0) == 0  # the CPU: SDPA has no flash kernel to reach
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         return
-    q, v = q.cuda(), v.cuda()
-    longer = torch.empty(1, 3, 16, 128, dtype=torch.bfloat16, device="cuda")
+    q = q.cuda()
     with torch.no_grad():
-        assert flash_value_padding(q, longer, v, causal_lower_right(8, 16), 0.0) == 64
-        assert flash_value_padding(q, q, v, None, 0.0) == 64
-        assert flash_value_padding(q, longer, v, None, 0.0) == 0  # non-square without a bias
-        assert flash_value_padding(q, q, v, torch.ones(8, 8, dtype=torch.bool, device="cuda"), 0.0) == 0
-        assert flash_value_padding(q, q, v, None, 0.1) == 0
-        assert flash_value_padding(q.float(), q.float(), v.float(), None, 0.0) == 0
-        assert flash_value_padding(q, q, q, None, 0.0) == 0
+        assert flash_value_padding(q, 16, 64, causal_lower_right(8, 16), 0.0) == 64
+        assert flash_value_padding(q, 8, 64, None, 0.0) == 64
+        assert flash_value_padding(q, 16, 64, None, 0.0) == 0  # non-square without a bias
+        assert flash_value_padding(q, 8, 64, torch.ones(8, 8, dtype=torch.bool, device="cuda"), 0.0) == 0
+        assert flash_value_padding(q, 8, 64, None, 0.1) == 0
+        assert flash_value_padding(q.float(), 8, 64, None, 0.0) == 0
+        assert flash_value_padding(q, 8, 128, None, 0.0) == 0
         with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]):
-            assert flash_value_padding(q, q, v, None, 0.0) == 0  # flash turned off
-    assert flash_value_padding(q, q, v, None, 0.0) == 0  # under autograd
+            assert flash_value_padding(q, 8, 64, None, 0.0) == 0  # flash turned off
+    assert flash_value_padding(q, 8, 64, None, 0.0) == 0  # under autograd
 
 
 def _prefill_two_chunks(model, prompt, device, dtype):
@@ -240,9 +239,9 @@ def _random_mla(kind: str, device: str, dtype: torch.dtype):
     from mla_components.models import MLAConfig, mla
 
     torch.manual_seed(0)
-    if kind == "value_within_kv":  # d_n + d_v == d_n + d_r: the expanded [k_nope | v] is the widened value
+    if kind == "mla_tiny":  # d_n 64, d_r 64, d_v 64: the value padded by 64
         model = mla_tiny(max_seq_len=512)
-    else:  # d_n 12 + d_v 10 != d_n 12 + d_r 8: the value is zero-padded
+    else:  # d_n 12, d_r 8, d_v 10: distinct widths, the value padded by 10
         model = mla(
             MLAConfig(vocab_size=256, num_layers=2, num_heads=3, embed_dim=48, intermediate_dim=80, max_seq_len=512,
                       q_lora_rank=24, kv_lora_rank=40, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
@@ -254,25 +253,25 @@ def _random_mla(kind: str, device: str, dtype: torch.dtype):
     return model.to(device=device, dtype=dtype).eval()
 
 
-@pytest.mark.parametrize("kind", ["value_within_kv", "value_padded"])
+@pytest.mark.parametrize("kind", ["mla_tiny", "distinct_dims"])
 @torch.no_grad()
 def test_chunked_prefill_with_the_value_widened_gives_the_same_logits(monkeypatch, kind):
-    """Widening the value for flash (on CUDA) leaves every logit of a chunked prefill unchanged, both ways: the
-    expanded ``[k_nope | v]`` read from its value columns, and a zero-padded value. Forced here on the CPU."""
+    """Keys and zero-padded values projected straight from the latent (what flash gets on CUDA) leave every logit
+    of a chunked prefill unchanged. Forced here on the CPU."""
     from mla_components.modules import attention
 
     model = _random_mla(kind, "cpu", torch.float32)
     prompt = torch.randint(0, 256, (1, 128))
     expected = _prefill_two_chunks(model, prompt, torch.device("cpu"), torch.float32)
     widened = []
-    monkeypatch.setattr(attention, "flash_value_padding", lambda q, k, v, *a: widened.append(1) or q.shape[-1])
+    monkeypatch.setattr(attention, "flash_value_padding", lambda q, kv_len, v_dim, *a: widened.append(1) or 1)
     got = _prefill_two_chunks(model, prompt, torch.device("cpu"), torch.float32)
     assert widened
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (SDPA's flash kernel)")
-@pytest.mark.parametrize("kind", ["value_within_kv", "value_padded"])
+@pytest.mark.parametrize("kind", ["mla_tiny", "distinct_dims"])
 @torch.inference_mode()
 def test_chunked_prefill_on_flash_matches_the_unwidened_call_on_gpu(monkeypatch, kind):
     """bf16 on the GPU: the chunked prefill with the widened value (flash) against the same model with the widening

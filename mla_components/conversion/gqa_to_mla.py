@@ -217,7 +217,8 @@ def norm_stabilizer(content: torch.Tensor, inputs: torch.Tensor, dims: int, step
     rows = (0.1 * scale * torch.randn(dims, x.shape[1], generator=generator, dtype=torch.float64)).requires_grad_()
     optimizer = torch.optim.Adam([rows], lr=float(0.02 * scale))
     for _ in range(steps):
-        total = energy + (x @ rows.T).pow(2).sum(-1)
+        # rows @ x.T, not x @ rows.T: the same products, but CPU BLAS runs this float64 shape 2-3x faster
+        total = energy + (rows @ x.T).pow(2).sum(0)
         loss = total.var() / total.mean().pow(2)
         optimizer.zero_grad()
         loss.backward()

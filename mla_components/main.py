@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nproc", type=int, default=2, help="training processes (gloo on CPU)")
     parser.add_argument("--long-context-delta", type=Path, default=LONG_CONTEXT_DELTA, help="step 9's model")
     parser.add_argument("--long-context-tokens", type=Path, default=LONG_CONTEXT_TOKENS, help="its base's tokens")
-    parser.add_argument("--no-long-context", action="store_true", help="skip step 9 (about 5 min on 2 cores)")
+    parser.add_argument("--no-long-context", action="store_true", help="skip step 9 (about 6 min on 2 cores)")
     args = parser.parse_args(argv)
     if not args.no_long_context:  # before any work: both files ship in the repository, next to its results
         delta_metadata = check_long_context_files(parser, args.long_context_delta, args.long_context_tokens)

@@ -236,18 +236,12 @@ def _prefill_two_chunks(model, prompt, device, dtype):
 
 
 def _random_mla(kind: str, device: str, dtype: torch.dtype):
-    from mla_components.models import MLAConfig, mla
+    from mla_components.models import mla
+    from tests.model.conftest import small_config
 
     torch.manual_seed(0)
-    if kind == "mla_tiny":  # d_n 64, d_r 64, d_v 64: the value padded by 64
-        model = mla_tiny(max_seq_len=512)
-    else:  # d_n 12, d_r 8, d_v 10: distinct widths, the value padded by 10
-        model = mla(
-            MLAConfig(vocab_size=256, num_layers=2, num_heads=3, embed_dim=48, intermediate_dim=80, max_seq_len=512,
-                      q_lora_rank=24, kv_lora_rank=40, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
-                      rope_base=10_000.0, rope_scaling=None, norm_eps=1e-6, tie_word_embeddings=False,
-                      kernel_backend="torch")
-        )  # fmt: skip
+    # mla_tiny: d_n 64, d_r 64, d_v 64 (the value padded by 64); small_config: distinct widths 12, 8, 10 (by 10)
+    model = mla_tiny(max_seq_len=512) if kind == "mla_tiny" else mla(small_config(vocab_size=256))
     for param in model.parameters():
         param.normal_(0.0, 0.1)
     return model.to(device=device, dtype=dtype).eval()

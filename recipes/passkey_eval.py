@@ -10,8 +10,8 @@ the package is installed. The config path is a real path (from an installed pack
 
 Config fields (``configs/mla_tiny/passkey_eval.yaml`` documents each): ``model``, ``checkpointer`` (one, or a list of
 ``{name, checkpointer, model?}`` for compare mode), ``tokenizer``, ``context_lengths``, ``depths``,
-``trials_per_cell``, ``needle_kind``, ``seed``, ``max_new_tokens``, ``prefill_chunk``, ``device``, ``dtype``,
-``output_dir``, and an optional ``judge`` (see ``mla_components.evaluation.judge``).
+``trials_per_cell``, ``first_trial``, ``needle_kind``, ``seed``, ``max_new_tokens``, ``prefill_chunk``, ``device``,
+``dtype``, ``output_dir``, and an optional ``judge`` (see ``mla_components.evaluation.judge``).
 
 Writes ``results.json``, ``trials.csv``, ``cells.csv``, ``heatmap.png`` and ``summary.txt`` to ``output_dir``.
 

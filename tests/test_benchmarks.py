@@ -327,6 +327,7 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     x32 = {
         "MILLION": "both",
         "MILLION_DEPTHS": "0.0,0.5",
+        "MILLION_GPUS": "0",
         "SFT64K_DELTA": "mla_sft64k_x32_delta.safetensors",
         "YARN_FACTOR": "32.0",
         "EVAL_SFT64K": "1",
@@ -344,15 +345,21 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     assert timeline.index(next(t for t in timeline if t.endswith("s64_128k_a start"))) < timeline.index(
         next(t for t in timeline if t.endswith("dpo done"))
     )  # beside DPO
-    million_runs = [line for line in lines if line.startswith("million ")]
-    assert len(million_runs) == 2 and all("NAMES=mla_dpo TRIALS=1 " in line for line in million_runs)
-    assert million_runs[0].startswith("million TAG=mla ") and million_runs[0].endswith("ARGS=depths=[0.0,0.5]")
-    assert million_runs[1].startswith("million TAG=mla_fp8 ")
-    assert million_runs[1].endswith("ARGS=depths=[0.0,0.5] model.kv_cache_dtype=fp8_e4m3")
-    million = timeline.index(next(line for line in timeline if line.endswith("mla_1m start")))
+    million_runs = [line.split(" ", 2) for line in lines if line.startswith("million ")]
+    assert all(" NAMES=mla_dpo TRIALS=1 " in rest for _, _, rest in million_runs)
+    assert [(tag, rest.split(" ARGS=")[1]) for _, tag, rest in million_runs] == [
+        ("TAG=mla_d0.0_t0", "depths=[0.0] first_trial=0"),
+        ("TAG=mla_d0.5_t0", "depths=[0.5] first_trial=0"),
+        ("TAG=mla_fp8_d0.0_t0", "depths=[0.0] first_trial=0 model.kv_cache_dtype=fp8_e4m3"),
+        ("TAG=mla_fp8_d0.5_t0", "depths=[0.5] first_trial=0 model.kv_cache_dtype=fp8_e4m3"),
+    ]
+    million = timeline.index(next(line for line in timeline if line.endswith("mla_1m_d0.0_t0 start")))
     assert all(not line.endswith(" start") or "mla_1m" in line for line in timeline[million:])
     ends = [line.split("] ", 1)[1] for line in timeline[million:]]
-    assert ends[:4] == ["mla_1m start", "mla_1m rc=0", "mla_1m_fp8 start", "mla_1m_fp8 rc=0"]  # one after the other
+    assert ends[:8] == [  # one GPU: one after the other
+        f"mla_1m{cache}_d{depth}_t0 {event}" for cache in ("", "_fp8") for depth in ("0.0", "0.5")
+        for event in ("start", "rc=0")
+    ]  # fmt: skip
     before = timeline[:million]  # every other run (11, with the probe and the two 128k runs beside DPO) had ended
     assert sum(line.endswith(" start") for line in before) - 2 == sum(" rc=" in line for line in before) == 11
 
@@ -423,6 +430,7 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
         "RESULTS": str(results),
         "BIG": str(big),
         "MILLION": "1",
+        "MILLION_GPUS": "0",
         delta_var: "x32.safetensors",
     }
     run = subprocess.run([str(session), pipeline], cwd=work, env=env, capture_output=True, text=True, timeout=120)
@@ -435,9 +443,9 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
     assert tags == {f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k")}
     assert all(f"NAMES={model} " in line for line in lines[1:] if not line.startswith("heldout"))
     assert [line.split()[:3] for line in lines if line.startswith("million ")] == [
-        ["million", "TAG=mla", f"NAMES={model}"]
+        ["million", "TAG=mla_d0.5_t0", f"NAMES={model}"]
     ]
-    assert lines[-1].startswith("million ") and lines[-1].endswith("ARGS=depths=[0.5]")
+    assert lines[-1].startswith("million ") and lines[-1].endswith("ARGS=depths=[0.5] first_trial=0")
     assert (results / "timeline.txt").read_text().rstrip().endswith("pipeline done")
 
     calls.unlink()
@@ -445,6 +453,36 @@ def test_device_session_evaluates_a_rebuilt_model_without_training(tmp_path, pip
     only = subprocess.run([str(session), pipeline], cwd=work, env={**env, "GRID": "0"}, capture_output=True, text=True)
     assert only.returncode == 0, only.stderr
     assert [line.split()[0] for line in calls.read_text().splitlines()] == ["rebuild", "million"]
+
+    # MILLION_GPUS=0,1 with 2 depths x 3 trials: six single-prompt processes, the k-th on GPU k mod 2, the two GPUs'
+    # queues side by side and one process at a time on each; together the prompts of the 2 x 3 grid
+    calls.unlink()
+    (results / "timeline.txt").unlink()
+    study.write_text(
+        f'#!/usr/bin/env bash\necho "$1 GPU=${{CUDA_VISIBLE_DEVICES:-}} TAG=${{TAG:-}} TRIALS=${{TRIALS:-}} '
+        f'ARGS=${{EVAL_ARGS:-}}" >> {calls}\n' + REBUILD_CONFIG + '[ "$1" = million ] && sleep 1\nexit 0\n'
+    )
+    spread = {**env, "GRID": "0", "MILLION_GPUS": "0,1", "MILLION_DEPTHS": "0.0,0.5", "MILLION_TRIALS": "3"}
+    both = subprocess.run([str(session), pipeline], cwd=work, env=spread, capture_output=True, text=True)
+    assert both.returncode == 0, both.stderr
+    runs = [line.split(" ", 4) for line in calls.read_text().splitlines() if line.startswith("million ")]
+    assert all(trials == "TRIALS=1" for _, _, _, trials, _ in runs)
+    grid = {(gpu, tag): args for _, gpu, tag, _, args in runs}
+    assert grid == {
+        (f"GPU={k % 2}", f"TAG=mla_d{depth}_t{trial}"): f"ARGS=depths=[{depth}] first_trial={trial}"
+        for k, (depth, trial) in enumerate((d, t) for d in ("0.0", "0.5") for t in range(3))
+    }
+    events = [line.split("] ", 1)[1] for line in (results / "timeline.txt").read_text().splitlines()]
+    million = [e for e in events if e.startswith("mla_1m_")]
+    assert len(million) == 12 and events[-1] == "pipeline done"
+    on_gpu0 = {f"mla_1m_d{d}_t{t}" for d, t in (("0.0", 0), ("0.0", 2), ("0.5", 1))}
+    running, both_busy = {"0": 0, "1": 0}, False
+    for event in million:
+        gpu = "0" if event.split()[0] in on_gpu0 else "1"
+        running[gpu] += 1 if event.endswith(" start") else -1
+        assert running[gpu] in (0, 1)  # one 1M prompt at a time per GPU
+        both_busy |= running == {"0": 1, "1": 1}
+    assert both_busy  # the GPUs' queues run side by side
 
     # a model trained at x32 evaluated without YARN_FACTOR=32.0 would run at x16: the pipeline stops after the rebuild
     calls.unlink()

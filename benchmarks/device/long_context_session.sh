@@ -41,7 +41,8 @@
 # wheelhouse's install, /tmp/site); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or
 # eval_sft64k_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; PROBE=1 adds
 # a probe at twice the trained YaRN factor at 128k; MILLION=1 (bf16 cache) or both (then the fp8 cache), with
-# MILLION_DEPTHS (default 0.5), the 1M prompts, each alone on the GPU after the rest; MODELS=mla trains and evaluates
+# MILLION_DEPTHS (default 0.5) x MILLION_TRIALS (default 1), the 1M prompts, each alone on a GPU after the rest
+# (MILLION_GPUS: the GPUs they queue on, default all; see million_alone); MODELS=mla trains and evaluates
 # the MLA model alone (no GQA control); the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and
 # evaluate at YaRN x32; DPO_ARGS="loss.nll_weight=0.0": plain DPO).
 set -uo pipefail
@@ -202,22 +203,45 @@ short_grid() {
   fi
   run heldout "$study" heldout "$gguf" "$results"
 }
-# 1M only after the rest, each prompt alone: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB each) it
-# ran the others out of memory; two 1M prompts side by side did not finish in 15 minutes. MILLION=1: the bf16 cache;
-# MILLION=both: then the fp8 cache on the same prompt (issue 18's 1M comparison). MILLION_DEPTHS (default 0.5): the
-# depths, one prompt each.
+# 1M only after the rest, each prompt alone on a GPU: a 1M prompt holds ~36 GB, and beside the grid's nine runs (~12 GB
+# each) it ran the others out of memory; two 1M prompts side by side on one GPU did not finish in 15 minutes.
+# MILLION=1: the bf16 cache; MILLION=both: then the fp8 cache on the same prompts (issue 18's 1M comparison).
+# MILLION_DEPTHS (default 0.5) x MILLION_TRIALS (default 1) prompts, one process each (`first_trial` picks its trial,
+# so together they are the prompts of one grid); the processes queue on the GPUs of MILLION_GPUS (device ids, default
+# CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), the k-th process on the (k mod n)-th GPU, one at a time on each.
 million_alone() {
   wait
-  local depths="depths=[${MILLION_DEPTHS:-0.5}]"
-  if [ -n "${MILLION:-}" ]; then
-    run mla_1m TAG=mla MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths" "$study" million "$gguf" "$results"
-    wait
-  fi
-  if [ "${MILLION:-}" = both ]; then
-    run mla_1m_fp8 TAG=mla_fp8 MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$depths model.kv_cache_dtype=fp8_e4m3" \
-      "$study" million "$gguf" "$results"
-    wait
-  fi
+  local gpus=() jobs=() depths=() cache depth trial
+  local listed
+  listed=$(nvidia-smi --query-gpu=index --format=csv,noheader 2> /dev/null | paste -sd,)
+  IFS=, read -r -a gpus <<< "${MILLION_GPUS:-${CUDA_VISIBLE_DEVICES:-$listed}}"
+  [ ${#gpus[@]} -gt 0 ] || gpus=(0)
+  IFS=, read -r -a depths <<< "${MILLION_DEPTHS:-0.5}"
+  for cache in bf16 fp8; do
+    [ "$cache" = bf16 ] && [ -z "${MILLION:-}" ] && continue
+    [ "$cache" = fp8 ] && [ "${MILLION:-}" != both ] && continue
+    for depth in "${depths[@]}"; do
+      for ((trial = 0; trial < ${MILLION_TRIALS:-1}; trial++)); do
+        jobs+=("$cache $depth $trial")
+      done
+    done
+  done
+  local g k name tag args
+  for ((g = 0; g < ${#gpus[@]}; g++)); do
+    (
+      for ((k = g; k < ${#jobs[@]}; k += ${#gpus[@]})); do
+        read -r cache depth trial <<< "${jobs[k]}"
+        name=mla_1m tag=mla args="depths=[$depth] first_trial=$trial"
+        if [ "$cache" = fp8 ]; then
+          name=mla_1m_fp8 tag=mla_fp8 args="$args model.kv_cache_dtype=fp8_e4m3"
+        fi
+        run "${name}_d${depth}_t$trial" CUDA_VISIBLE_DEVICES="${gpus[g]}" TAG="${tag}_d${depth}_t$trial" \
+          MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$args" "$study" million "$gguf" "$results"
+        wait
+      done
+    ) &
+  done
+  wait
   stamp "pipeline done"
 }
 

@@ -62,6 +62,9 @@ class PasskeyGrid:
         context_lengths: haystack sizes in tokens (the prompt is about this long).
         depths: needle positions as fractions of the context, each in [0, 1].
         trials_per_cell: fresh needles per (length, depth).
+        first_trial: index of the first of them: trials ``first_trial .. first_trial + trials_per_cell - 1`` of each
+            cell, so one grid can be split over processes (e.g. one 1M-token prompt per GPU) with the prompts of
+            the whole run.
         needle_kind: ``kind`` of ``make_needle_sample`` (``passkey`` by default).
         seed: base seed of every trial's needle.
         max_new_tokens: greedy tokens generated per trial.
@@ -79,6 +82,7 @@ class PasskeyGrid:
     context_lengths: tuple[int, ...]
     depths: tuple[float, ...]
     trials_per_cell: int
+    first_trial: int = 0
     needle_kind: str = "passkey"
     seed: int = 0
     max_new_tokens: int = 16
@@ -108,6 +112,8 @@ class PasskeyGrid:
             raise ValueError(f"depths has duplicates: {self.depths}")
         for name in ("trials_per_cell", "max_new_tokens", "prefill_chunk"):
             check_positive_int(name, getattr(self, name))
+        if not isinstance(self.first_trial, int) or isinstance(self.first_trial, bool) or self.first_trial < 0:
+            raise ValueError(f"first_trial must be an integer >= 0 (default 0), got {self.first_trial!r}")
         if not isinstance(self.cuda_graph, bool):
             raise ValueError(f"cuda_graph must be true or false, got {self.cuda_graph!r}")
 
@@ -120,6 +126,7 @@ class PasskeyGrid:
             context_lengths=tuple(int(n) for n in cfg.context_lengths),
             depths=tuple(float(d) for d in cfg.depths),
             trials_per_cell=int(cfg.trials_per_cell),
+            first_trial=cfg.get("first_trial", 0),
             needle_kind=str(cfg.get("needle_kind", "passkey")),
             seed=int(cfg.get("seed", 0)),
             max_new_tokens=int(cfg.get("max_new_tokens", 16)),
@@ -171,7 +178,7 @@ def make_trials(tokenizer: Any, grid: PasskeyGrid) -> list[Trial]:
     trials = []
     for length in grid.context_lengths:
         for depth in grid.depths:
-            for index in range(grid.trials_per_cell):
+            for index in range(grid.first_trial, grid.first_trial + grid.trials_per_cell):
                 seed = trial_seed(grid.seed, length, depth, index)
                 if grid.prompt_format == "landmark":
                     prompt, sample = landmark_sample(tokenizer, context_tokens=length, depth=depth, seed=seed)
@@ -195,7 +202,11 @@ def lm_eval_documents(
     from mla_components.data import byte_tokenizer
 
     grid = PasskeyGrid(
-        tuple(int(n) for n in context_lengths), tuple(float(d) for d in depths), int(trials_per_cell), kind, int(seed)
+        context_lengths=tuple(int(n) for n in context_lengths),
+        depths=tuple(float(d) for d in depths),
+        trials_per_cell=int(trials_per_cell),
+        needle_kind=kind,
+        seed=int(seed),
     )
     return [
         {

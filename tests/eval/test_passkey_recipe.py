@@ -78,6 +78,30 @@ def test_tune_run_writes_json_csv_png_from_any_directory(tiny_checkpoint, tmp_pa
     assert len(summary) == 2 and summary[0].startswith("mla_tiny @     400 tokens: accuracy")
 
 
+def test_a_grid_split_by_first_trial_has_the_prompts_of_the_whole_grid():
+    """Split over processes (one 1M prompt per GPU), trials ``first_trial ..`` of each cell are the same prompts, with
+    the same trial indices, as in one run of the whole grid; none repeats."""
+    whole = {"context_lengths": [400], "depths": [0.0, 1.0], "trials_per_cell": 4, "seed": 5}
+    tokenizer = byte_tokenizer()
+
+    def prompts(**fields):
+        trials = make_trials(tokenizer, PasskeyGrid.from_config(OmegaConf.create({**whole, **fields})))
+        return {(t.depth, t.trial): (t.seed, tuple(t.prompt)) for t in trials}
+
+    everything = prompts()
+    parts = [
+        prompts(trials_per_cell=1, first_trial=3),
+        prompts(trials_per_cell=3),
+        prompts(depths=[1.0], trials_per_cell=2, first_trial=2),
+    ]
+    assert sorted(parts[0]) == [(0.0, 3), (1.0, 3)] and sorted(parts[1]) == [
+        (d, t) for d in (0.0, 1.0) for t in range(3)
+    ]
+    for part in parts:
+        assert all(everything[key] == prompt for key, prompt in part.items())
+    assert len({seed for seed, _ in everything.values()}) == 8
+
+
 def _must_not_load(entry):
     raise AssertionError("weights were loaded before the config error was reported")
 
@@ -89,6 +113,7 @@ def _must_not_load(entry):
         ({"context_lengths": [512, 8190]}, r"context_lengths \[8190\] \+ max_new_tokens \(8\) exceed mla_tiny"),
         ({"context_lengths": []}, "context_lengths must be"),
         ({"trials_per_cell": 0}, "trials_per_cell must be"),
+        ({"first_trial": -1}, r"first_trial must be an integer >= 0 \(default 0\), got -1"),
         ({"cuda_graph": "yes"}, "cuda_graph must be true or false, got 'yes'"),
         ({"checkpointer": {"checkpoint_dir": "/nonexistent/epoch_9"}}, r"checkpointer.checkpoint_dir=/nonexistent"),
         ({"checkpointer": [{"checkpointer": {"checkpoint_dir": "x"}}]}, r"checkpointer\[0\] must be"),

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,56 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     )
     assert started.returncode == 0 and "unbound variable" not in started.stderr, started.stderr
     assert (tmp_path / "copy" / ".big" / "gguf.part_aa").read_bytes() == b"only the first part"
+    # a second pipeline on the same machine (its own RESULTS and WORK) leaves the joined GGUF as it is: the first
+    # one may be reading it
+    gguf = tmp_path / "big" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    joined = gguf.stat().st_mtime_ns
+    second_env = {**start_env, "RESULTS": str(tmp_path / "results2"), "WORK": str(tmp_path / "copy2")}
+    second = subprocess.run(
+        [str(session), "start", "1"], cwd=work, env=second_env, capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 0, second.stderr
+    assert gguf.stat().st_mtime_ns == joined and gguf.read_bytes() == b"only the first part"
+
+
+@pytest.mark.parametrize("checks", ["1", "bench"])
+def test_device_session_install_starts_the_checks_in_the_background(tmp_path, checks):
+    """``install`` installs the wheelhouse and keeps the carried part, then starts the GPU kernel tests and the eager
+    host-time benchmark from a copy of the tree; ``CHECKS=bench`` then also runs issues 17 and 18's benchmarks."""
+    session = BENCHMARKS / "device" / "long_context_session.sh"
+    calls = tmp_path / "calls.txt"
+    _stand_in(tmp_path, "python3", f'echo "$*" >> {calls}\n')
+    work, results = tmp_path / "work", tmp_path / "results"
+    (work / ".big").mkdir(parents=True)
+    (work / ".big" / "gguf.part_ae").write_bytes(b"part")
+    (work / "recipes").mkdir()
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "RESULTS": str(results),
+        "BIG": str(tmp_path / "big"),
+        "SITE": str(tmp_path / "site"),
+        "CHECKS_DIR": str(tmp_path / "checks"),
+        "CHECKS": checks,
+    }
+    done = subprocess.run([str(session), "install"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "big" / "gguf.part_ae").read_bytes() == b"part"
+    assert (tmp_path / "checks" / ".big" / "gguf.part_ae").is_file()  # the checks' own copy of the tree
+    expected = ["-m pip install", "benchmarks/benchmark_mla.py --host-overhead", "-m pytest"]
+    if checks == "bench":
+        expected += [
+            "benchmarks/benchmark_mla.py --fp8",
+            "benchmarks/benchmark_decode_e2e.py --contexts 32768 131072 --models mla_1b:triton gqa_1b "
+            "mla_1b_fp8:triton",
+            "benchmarks/benchmark_prefill.py model --models mla_1b gqa_1b --contexts 131072 1048576",
+        ]
+    for _ in range(100):  # the checks run in the background
+        lines = calls.read_text().splitlines() if calls.exists() else []
+        if len(lines) >= len(expected):
+            break
+        time.sleep(0.1)
+    assert len(lines) == len(expected) and all(line.startswith(e) for line, e in zip(lines, expected, strict=True))
+    assert all(f"--json {results}/" in line for line in lines[3:])
 
 
 def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):

@@ -20,7 +20,8 @@
 #   python -m mla_components.evaluation.report merge R/landmark R/mla R/gqa
 #
 #   install         the wheelhouse into $SITE, the links `tune run` needs, the carried GGUF part; starts the GPU
-#                   kernel tests and the eager host-time benchmark in the background (results/kernel_tests.txt, host.json)
+#                   kernel tests and the eager host-time benchmark in the background (results/kernel_tests.txt, host.json;
+#                   CHECKS=bench: then issues 17-18's benchmarks, fp8.json, e2e.json, capacity.json; CHECKS=0: none)
 #   part            keep the carried GGUF part (.big/gguf.part_*) in /root/big; rc 3 on a fresh machine (no install)
 #   start [SECS]    join the parts, copy this tree to $WORK, run $PIPELINE in the background, then `wait SECS`
 #   wait SECS       print the timeline until the pipeline ends or SECS pass; `collect` every minute and at the end
@@ -38,9 +39,10 @@
 #   YARN_FACTOR, default 16: the passkey config would build it at YARN_FACTOR)
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big), SITE (the
-# wheelhouse's install, /tmp/site); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or
-# eval_sft64k_delta); EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; PROBE=1 adds
-# a probe at twice the trained YaRN factor at 128k; MILLION=1 (bf16 cache) or both (then the fp8 cache), with
+# wheelhouse's install, /tmp/site), CHECKS_DIR (the install's checks run from a copy of the tree there,
+# /root/checks); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or eval_sft64k_delta);
+# EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; PROBE=1 adds a probe at twice the
+# trained YaRN factor at 128k; MILLION=1 (bf16 cache) or both (then the fp8 cache), with
 # MILLION_DEPTHS (default 0.5) x MILLION_TRIALS (default 1), the 1M prompts, each alone on a GPU after the rest
 # (MILLION_GPUS: the GPUs they queue on, default all; see million_alone); MODELS=mla trains and evaluates
 # the MLA model alone (no GQA control); the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and
@@ -96,7 +98,7 @@ wait_for_pipeline() {
   done
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null
   collect
-  tail -n 3 "$results"/stage_*_stdout.txt 2>/dev/null
+  tail -n 3 "$results"/stage_*_stdout.txt 2> /dev/null || true  # none yet in the first seconds
 }
 
 # What both pipelines share: the study's stages in the foreground (a failed one ends the pipeline), evaluations as
@@ -304,12 +306,24 @@ case $mode in
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
     cp .big/* "$big/"
     # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive (CHECKS=0:
-    # not, leaving the GPU to the pipeline)
+    # not, leaving the GPU to the pipeline); CHECKS=bench then also the decode-speed, fp8-cache and capacity
+    # benchmarks of issues 17 and 18 (about 15 minutes: on a machine of several GPUs, give them one of their own with
+    # CUDA_VISIBLE_DEVICES on this call and leave it out of the pipeline's MILLION_GPUS)
     [ "${CHECKS:-1}" = 0 ] && exit 0
-    mkdir -p /root/checks && cp -a . /root/checks/
-    (cd /root/checks && setsid nohup bash -c "export PYTHONPATH=$site:\$PWD
+    checks=$(realpath -m "${CHECKS_DIR:-/root/checks}")
+    mkdir -p "$checks" && cp -a . "$checks/"
+    benches=:
+    if [ "${CHECKS:-1}" = bench ]; then
+      benches="python3 benchmarks/benchmark_mla.py --fp8 --repeats 50 --json $results/fp8.json > $results/fp8.txt 2>&1
+      python3 benchmarks/benchmark_decode_e2e.py --contexts 32768 131072 --models mla_1b:triton gqa_1b \
+        mla_1b_fp8:triton --json $results/e2e.json > $results/e2e.txt 2>&1
+      python3 benchmarks/benchmark_prefill.py model --models mla_1b gqa_1b --contexts 131072 1048576 \
+        --json $results/capacity.json > $results/capacity.txt 2>&1"
+    fi
+    (cd "$checks" && setsid nohup bash -c "export PYTHONPATH=$site:\$PWD
       python3 benchmarks/benchmark_mla.py --host-overhead --repeats 20 --json $results/host.json > $results/host.txt 2>&1
-      python3 -m pytest -q -rs -p no:cacheprovider tests/kernels > $results/kernel_tests.txt 2>&1" > /dev/null 2>&1 < /dev/null &)
+      python3 -m pytest -q -rs -p no:cacheprovider tests/kernels > $results/kernel_tests.txt 2>&1
+      $benches" > /dev/null 2>&1 < /dev/null &)
     ;;
   part)
     cp .big/* "$big/" && ls -la "$big" || exit 1
@@ -321,7 +335,11 @@ case $mode in
     ;;
   start)
     cp .big/* "$big/" 2>/dev/null
-    cat "$big"/gguf.part_* > "$gguf"
+    # joined once, atomically: a second pipeline started on this machine (other RESULTS and WORK) must not rewrite
+    # the file under the first one's rebuild
+    if [ ! -f "$gguf" ] || [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
+      cat "$big"/gguf.part_* > "$gguf.joining" && mv "$gguf.joining" "$gguf"
+    fi
     if [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
       echo "$gguf: md5 is not $gguf_md5 (parts: $(cd "$big" && echo gguf.part_*)); carry the missing parts" >&2
       exit 1

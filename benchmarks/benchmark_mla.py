@@ -5,6 +5,7 @@
     python benchmarks/benchmark_mla.py --fp8 --json fp8.json       # Triton over the bf16 vs the fp8 cache
     python benchmarks/benchmark_mla.py --host-overhead --json host.json  # host µs per eager call vs Triton's launch
     python benchmarks/benchmark_mla.py --host-python                     # all Python of a call (CPU, driver stubbed)
+    python benchmarks/benchmark_mla.py --compile-report --json c.json    # the compiler's view for an H100/H200 (CPU)
 
 Measures the device-to-device copy bandwidth first (bytes read + bytes written), then for H in {16, 128}, bf16,
 latent 512 + rope 64, and B x L in {1x4k, 1x32k, 1x128k, 8x32k, 32x16k, 128x4k} times one decode step of:
@@ -24,6 +25,12 @@ launched eagerly from Python. ``--graph-max-tokens`` limits graphs to shapes wit
 1x128k, 8x32k, 128x4k): the bf16 rows (1,152 B per token) and FlashMLA's fp8 rows (656 B: e4m3 latent, fp32 scale
 per 128 values, bf16 rope key; ``MLAKVCache``'s layout), each with its own byte count, and the speedup
 ``bf16_ms / fp8_ms``. The fp8 output is first checked against the absorbed PyTorch path over the dequantised cache.
+``fp8_reload`` rows load each fp8 group tile a second time for the P·V product (``DecodeConfig.fp8_reload``).
+
+``--compile-report`` needs no GPU: it compiles the stage-1 kernel each variant would launch on an sm90 GPU with 132
+SMs (H100/H200; ``--sms``) through Triton's own pipeline on this machine and prints what the compiler made of it
+(registers and spills per thread, shared memory, which loads go through the ``cp.async`` pipeline, MMA kinds) for
+the same shapes and variants as ``--fp8`` (default), or with ``--heads 128`` the bf16 kernel's configs.
 """
 
 import argparse
@@ -47,6 +54,7 @@ from mla_kernels.mla_decode import (
     last_stage1_report,
     mla_decode,
     num_sms,
+    stage1_compile_report,
 )
 from mla_kernels.reference import naive_decode_torch
 
@@ -58,7 +66,8 @@ D_C, D_R, D_N, D_V = 512, 64, 128, 128
 MAX_ABS_DIFF_BF16 = 0.05  # measured: <= 0.003 on every shape (docs/results/kernels.md)
 SOFTMAX_SCALE = (D_N + D_R) ** -0.5
 FP8_SWEEP_CONFIGS = [
-    DecodeConfig(block_h=16, block_n=n, num_warps=w, num_stages=st, ctas_per_sm=c, fp8_mma=mma)
+    DecodeConfig(block_h=16, block_n=n, num_warps=w, num_stages=st, ctas_per_sm=c, fp8_mma=mma, fp8_reload=reload)
+    for reload in (False, True)
     for mma in ("fp16", "bf16")
     for n, w, st, c in ((32, 4, 3, 1), (32, 4, 3, 2), (64, 4, 2, 1), (64, 8, 3, 1), (16, 4, 4, 2))
 ]
@@ -241,17 +250,23 @@ def fp8_cache(p: dict) -> dict:
     )
 
 
+def fp8_variants(base: DecodeConfig) -> dict[str, DecodeConfig]:
+    """The default fp8 config with each group tile loaded twice, so that every fp8 load is pipelined (4 and 8
+    warps: 185 and 128 registers per thread in ``--compile-report``, against 255 with one load)."""
+    return {
+        "fp8_reload": replace(base, fp8_reload=True),
+        "fp8_reload_8warps": replace(base, fp8_reload=True, num_warps=8),
+    }
+
+
 def fp8_ops(p: dict, f: dict, sweep: bool = False) -> dict:
     """The kernel over the bf16 cache and over its fp8 copy ``f`` (same queries and lengths): ``fp8`` with the
-    default config (fp16 MMAs), ``fp8_mma_bf16`` with it but bf16 MMAs, and with ``sweep`` every config of
-    ``FP8_SWEEP_CONFIGS`` as ``fp8_sweep_<i>``."""
+    default config (fp16 MMAs), ``fp8_mma_bf16`` with it but bf16 MMAs, the :func:`fp8_variants`, and with
+    ``sweep`` every config of ``FP8_SWEEP_CONFIGS`` as ``fp8_sweep_<i>``."""
     b, _, h, _ = p["q_latent"].shape
     q_lat, q_pe = p["q_latent"].view(b, h, D_C), p["q_pe"].reshape(b, h, D_R)
     base = default_config(h, b, num_sms(q_lat.device), p["c_kv"].shape[1], fp8=True)
-    configs = {
-        "fp8": None,
-        "fp8_mma_bf16": replace(base, fp8_mma="bf16"),
-    }
+    configs = {"fp8": None, "fp8_mma_bf16": replace(base, fp8_mma="bf16"), **fp8_variants(base)}
     if sweep:
         configs.update({f"fp8_sweep_{i}": config for i, config in enumerate(FP8_SWEEP_CONFIGS)})
 
@@ -513,6 +528,46 @@ def print_row(row: dict) -> None:
           f"{cell('absorbed')} | triton {cell('triton')} | {speed} | graph={row['graphed']}", flush=True)  # fmt: skip
 
 
+def compile_report(args) -> list[dict]:
+    """Per shape, the compiler's view of the stage-1 kernel of each variant on an sm90 GPU with ``args.sms`` SMs:
+    ``bf16`` and the fp8 configs of ``--fp8`` at 16 heads; at more heads the bf16 default and the 16- and 64-head
+    block configs (64-row blocks are what Hopper's ``wgmma`` takes). Empty tensors on the CPU: nothing is run."""
+    rows = []
+    for heads in args.heads:
+        for batch, length in args.shapes:
+            q_lat = torch.empty(batch, heads, D_C, dtype=torch.bfloat16)
+            q_pe = torch.empty(batch, heads, D_R, dtype=torch.bfloat16)
+            lens = torch.full((batch,), length, dtype=torch.int32)
+            cache = torch.empty(batch, length, D_C + D_R, dtype=torch.bfloat16)  # never touched
+            bf16 = dict(c_kv=cache[..., :D_C], k_pe=cache[..., D_C:], c_kv_scale=None)
+            packed = torch.empty(batch, length, D_C + 4 * (D_C // 128) + 2 * D_R, dtype=torch.uint8)
+            fp8 = dict(
+                c_kv=packed[..., :D_C].view(torch.float8_e4m3fn),
+                c_kv_scale=packed[..., D_C : D_C + 16].view(torch.float32),
+                k_pe=packed[..., D_C + 16 :].view(torch.bfloat16),
+            )
+            variants = {"bf16": (bf16, None)}
+            if heads <= 16:
+                base = default_config(heads, batch, args.sms, length, fp8=True)
+                variants.update({"fp8": (fp8, None), **{n: (fp8, c) for n, c in fp8_variants(base).items()}})
+            else:
+                for block_h, block_n, warps in ((16, 64, 4), (64, 32, 8), (64, 16, 8)):
+                    config = DecodeConfig(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=2)
+                    variants[f"bf16_block_h{block_h}_n{block_n}_w{warps}"] = (bf16, config)
+            for name, (layout, config) in variants.items():
+                report = stage1_compile_report(
+                    q_lat, q_pe, layout["c_kv"], layout["k_pe"], lens, c_kv_scale=layout["c_kv_scale"], config=config,
+                    sms=args.sms,
+                )  # fmt: skip
+                rows.append(dict(heads=heads, batch=batch, length=length, variant=name, **report))
+                spill = report["stack_bytes"] + report["local_bytes"]
+                print(f"H={heads:3d} {batch:3d}x{length:6d} {name:24s} regs {report['registers']:3d} spill {spill} B "
+                      f"smem {report['shared_bytes'] // 1024:3d} KiB pipelined {report['async_copies']} "
+                      f"wgmma {report['wgmma']} mma.sync {report['mma_sync']}", flush=True)  # fmt: skip
+            del cache, packed
+    return rows
+
+
 def _shape(text: str) -> tuple[int, int]:
     batch, length = text.lower().split("x")
     return int(batch), int(length)
@@ -531,10 +586,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-sweep", action="store_true", help="with --fp8: also the FP8_SWEEP_CONFIGS")
     parser.add_argument("--host-overhead", action="store_true", help="host µs per eager call, both launches")
     parser.add_argument("--host-python", action="store_true", help="the Python of an mla_decode call (CPU)")
+    parser.add_argument("--compile-report", action="store_true", help="the compiler's view for an sm90 GPU (CPU)")
+    parser.add_argument("--sms", type=int, default=132, help="with --compile-report: the GPU's SMs (H100/H200: 132)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
-    args.heads = args.heads or ([16] if args.fp8 else [16, 128])
-    args.shapes = args.shapes or (FP8_SHAPES if args.fp8 else SHAPES)
+    args.heads = args.heads or ([16] if args.fp8 or args.compile_report else [16, 128])
+    args.shapes = args.shapes or (FP8_SHAPES if args.fp8 or args.compile_report else SHAPES)
+    if args.compile_report:
+        import triton
+
+        result = dict(torch=torch.__version__, triton=triton.__version__, target=f"sm90, {args.sms} SMs")
+        result["compile_report"] = compile_report(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     if args.host_python:
         result = dict(torch=torch.__version__, host_python=host_python(args), args=vars(args))
         if args.json:

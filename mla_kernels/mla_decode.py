@@ -30,11 +30,14 @@ applied once per (token, group) — to the group's partial score before the grou
 probabilities of the group's P·V product — never per value. ``DecodeConfig.fp8_mma`` picks the MMA dtype for
 bf16 queries: ``bf16`` (the queries' own dtype) or ``fp16`` (e4m3 widens to fp16 in one instruction per pair;
 the latent queries are scaled by a power of two into fp16's range, exactly, and the probabilities carry 3 more
-bits than bf16's); fp16 queries always take the fp16 path, fp32 queries fp32 dots. The fp16 path holds
+bits than bf16's); fp16 queries always take the fp16 path, fp32 queries fp32 dots. ``DecodeConfig.fp8_reload``
+loads each group tile once per product, which puts the fp8 tiles in the ``cp.async`` pipeline
+(:func:`stage1_compile_report` shows what the compiler builds, without a GPU). The fp16 path holds
 ``p * scale * 512`` in fp16, so it needs every scale group's largest magnitude below 57,344 (scale < 128); the
 RMS-normed latents of these models are O(1-10). Use ``fp8_mma="bf16"`` for latents beyond that.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +66,9 @@ class DecodeConfig:
         min_split_tokens: no split is shorter than this (per sequence), so short sequences use fewer splits.
         fp8_mma: MMA dtype over an fp8 cache with bf16 queries: ``"bf16"`` or ``"fp16"`` (see the module doc;
             fp16 took 12-16% less time on an H200, docs/results/kernels.md).
+        fp8_reload: over an fp8 cache, load each group tile a second time (an L2 hit) for the P·V product, so that
+            both loads go through the ``cp.async`` pipeline; with one load Triton 3.6 does not pipeline the fp8
+            tiles at all (``_fp8_group_values``). Off until timed on a GPU.
     """
 
     block_h: int = 16
@@ -72,6 +78,7 @@ class DecodeConfig:
     ctas_per_sm: int = 2
     min_split_tokens: int = 256
     fp8_mma: str = "fp16"
+    fp8_reload: bool = False
 
     def __post_init__(self) -> None:  # checked once when a config is made, not on every decode call
         if self.block_h < MMA_MIN_ROWS or self.block_n < MMA_MIN_ROWS:
@@ -161,6 +168,17 @@ def _fp8_group_scores(
 
 
 @triton.jit
+def _fp8_group_values(kv_rows, tok_ok, kv, g: tl.constexpr, GROUP: tl.constexpr, RELOAD: tl.constexpr):
+    """Scale group ``g``'s values for the P·V product: the tile the scores used, or with ``RELOAD`` the same bytes
+    loaded again (an L2 hit) under another cache hint, so Triton does not merge the two loads. A load that feeds
+    two converted dot operands is not pipelined by Triton 3.6 (a plain register load in the loop, its latency
+    exposed); each of the two loads feeds one and goes through the ``cp.async`` shared-memory pipeline."""
+    if RELOAD:
+        kv = tl.load(kv_rows + g * GROUP, mask=tok_ok[:, None], other=0.0, cache_modifier=".cg").to(kv.dtype)
+    return kv
+
+
+@triton.jit
 def _store_out(ptrs, out, mask, DIRECT: tl.constexpr):
     # one split writes the final output in its dtype; several write fp32 partials for stage 2
     if DIRECT:
@@ -221,9 +239,16 @@ def _mla_decode_stage1(
     GROUP: tl.constexpr,
     NUM_GROUPS: tl.constexpr,  # D_C // GROUP, at most MAX_FP8_GROUPS
     FP8_F16: tl.constexpr,  # 16-bit queries: fp8 MMAs in fp16 (latent queries scaled by a power of two)
+    FP8_RELOAD: tl.constexpr,  # load each fp8 group tile again for the P·V product (see _fp8_group_values)
+    KPE_ALIGN: tl.constexpr,  # the unit of stride_kpe_*: a power of two of elements (<= 16 bytes) dividing both
 ):
     # torch.compile's Inductor passes Python floats as fp64; the softmax must stay in fp32 (the dots' accumulators)
     qk_scale = tl.cast(qk_scale, tl.float32)
+    # the rope cache's strides come in units of KPE_ALIGN elements: Triton specialises an integer only on
+    # divisibility by 16, which the bf16 rope key of a 656-byte fp8 row (stride 328) lacks, and rows not known to be
+    # 16-byte aligned are loaded without vectors and outside the cp.async pipeline
+    stride_kpe_b = stride_kpe_b * KPE_ALIGN
+    stride_kpe_t = stride_kpe_t * KPE_ALIGN
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2)
@@ -352,12 +377,16 @@ def _mla_decode_stage1(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if FP8:  # each group's values weighted by p times that group's scale
+            kv0 = _fp8_group_values(kv_rows, tok_ok, kv0, 0, GROUP, FP8_RELOAD)
             acc0 = _dot((p * (sc0 * pv_norm)[None, :]).to(kv0.dtype), kv0, acc0 * alpha[:, None], IEEE)
             if NUM_GROUPS > 1:
+                kv1 = _fp8_group_values(kv_rows, tok_ok, kv1, 1, GROUP, FP8_RELOAD)
                 acc1 = _dot((p * (sc1 * pv_norm)[None, :]).to(kv1.dtype), kv1, acc1 * alpha[:, None], IEEE)
             if NUM_GROUPS > 2:
+                kv2 = _fp8_group_values(kv_rows, tok_ok, kv2, 2, GROUP, FP8_RELOAD)
                 acc2 = _dot((p * (sc2 * pv_norm)[None, :]).to(kv2.dtype), kv2, acc2 * alpha[:, None], IEEE)
             if NUM_GROUPS > 3:
+                kv3 = _fp8_group_values(kv_rows, tok_ok, kv3, 3, GROUP, FP8_RELOAD)
                 acc3 = _dot((p * (sc3 * pv_norm)[None, :]).to(kv3.dtype), kv3, acc3 * alpha[:, None], IEEE)
         else:
             acc = acc * alpha[:, None]
@@ -697,13 +726,15 @@ _STAGE1 = CompiledLauncher(_mla_decode_stage1)
 _STAGE2 = CompiledLauncher(_mla_decode_stage2)
 
 
-def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config) -> _Plan:
+def _make_plan(
+    q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, key_mask, num_splits, config, sms=None
+) -> _Plan:
     rows, num_heads, d_c = q_latent.shape
     d_r = q_pe.shape[2]
     paged = block_table is not None
     page_size = c_kv.shape[1] if paged else 1
     max_len = block_table.shape[1] * page_size if paged else c_kv.shape[1]
-    sms = num_sms(q_latent.device)
+    sms = sms or num_sms(q_latent.device)
     fp8 = c_kv_scale is not None
     cfg = config or default_config(num_heads, rows, sms, max_len, fp8=fp8)
     block_h = max(MMA_MIN_ROWS, min(cfg.block_h, triton.next_power_of_2(num_heads)))
@@ -728,6 +759,7 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
         km_strides = (key_mask.stride(0) * queries_per_seq, key_mask.stride(0), key_mask.stride(1))
     else:
         km_strides = tuple(key_mask.stride())
+    kpe_align = math.gcd(16 // k_pe.element_size(), *k_pe.stride()[:2])
     stage1_ints = (
         num_heads,
         queries_per_seq,
@@ -735,7 +767,7 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
         *q_latent.stride()[:2],
         *q_pe.stride()[:2],
         *c_kv.stride()[:2],
-        *k_pe.stride()[:2],
+        *(stride // kpe_align for stride in k_pe.stride()[:2]),
         *((0, 0) if c_kv_scale is None else c_kv_scale.stride()[:2]),
         (block_table.shape[1] if convert_table else block_table.stride(0)) if paged else 0,
         *km_strides,
@@ -761,6 +793,8 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
         NUM_GROUPS=d_c // FP8_GROUP_SIZE,
         FP8_F16=fp8
         and (q_latent.dtype == torch.float16 or (cfg.fp8_mma == "fp16" and q_latent.dtype == torch.bfloat16)),
+        FP8_RELOAD=fp8 and cfg.fp8_reload,
+        KPE_ALIGN=kpe_align,
     )
     return _Plan(
         out_shape=(rows, num_heads, d_c),
@@ -782,6 +816,42 @@ def _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, block_table, ke
             BLOCK_ALL_S=triton.next_power_of_2(splits),
         ),
     )
+
+
+def stage1_compile_report(
+    q_latent: torch.Tensor,
+    q_pe: torch.Tensor,
+    c_kv: torch.Tensor,
+    k_pe: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    c_kv_scale: torch.Tensor | None = None,
+    config: DecodeConfig | None = None,
+    sms: int = 132,
+    capability: int = 90,
+) -> dict:
+    """What the compiler makes of the stage-1 kernel that :func:`mla_decode` would launch with these arguments on a
+    GPU of compute ``capability`` with ``sms`` SMs (default: an H100/H200), compiled on any machine: registers,
+    spills, shared memory, pipelined loads and MMA kinds (:func:`~mla_kernels.triton_launch.compile_report`), plus
+    the plan's split count and launch options. The tensors may be CPU tensors (only their metadata is read; the
+    cache may be ``torch.empty``)."""
+    from mla_kernels.triton_launch import compile_for_target, compile_report
+
+    plan = _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, None, None, None, config, sms=sms)
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    if plan.splits == 1:
+        part_out = torch.empty(plan.out_shape, dtype=q_latent.dtype)
+        part_lse = torch.empty(plan.out_shape[:2], dtype=torch.float32)
+    else:
+        part_out = torch.empty(plan.scratch_numel, dtype=torch.float32)
+        part_lse = part_out[plan.part_lse_offset :]
+    pointers = (q_latent, q_pe, c_kv, k_pe, c_kv if c_kv_scale is None else c_kv_scale, seq_lens, seq_lens, seq_lens,
+                part_out, part_lse)  # fmt: skip
+    kwargs = dict(zip(_STAGE1.constexpr_names, plan.stage1_constexprs, strict=True))
+    kernel = compile_for_target(
+        _mla_decode_stage1, (*pointers, 0.1, *plan.stage1_ints), {**kwargs, **plan.stage1_options}, capability
+    )
+    return {"splits": plan.splits, "grid": plan.grid1, **plan.stage1_options, **compile_report(kernel)}
 
 
 def last_stage1_report() -> dict:
@@ -816,4 +886,5 @@ __all__ = [
     "last_stage1_report",
     "mla_decode",
     "num_sms",
+    "stage1_compile_report",
 ]

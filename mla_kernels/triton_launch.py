@@ -19,6 +19,9 @@ hook is installed (profilers such as Proton rely on them); everywhere else — t
 launches through ``kernel[grid](...)``, as it does everywhere with ``MLA_KERNELS_TRITON_LAUNCH=0`` in the environment
 (read when the kernels' module is imported). The one per-call check of ``JITFunction.run`` it leaves out is that the
 globals a kernel reads have not changed since it was compiled: these kernels read none.
+
+:func:`compile_for_target` uses the same internals to compile a kernel for a GPU this machine does not have, and
+:func:`compile_report` reads what the compiler decided (registers, spills, shared memory, pipelined loads).
 """
 
 import inspect
@@ -164,4 +167,70 @@ class CompiledLauncher:
         return kernel
 
 
-__all__ = ["DISABLE_ENV", "TRITON_RELEASE", "CompiledLauncher", "current_device", "current_stream"]
+def compile_for_target(
+    fn: triton.runtime.JITFunction, args: tuple, kwargs: dict, capability: int = 90
+) -> "triton.compiler.CompiledKernel":
+    """Compile ``fn`` for an NVIDIA GPU of compute ``capability`` (90: H100/H200) without one: the arguments are
+    specialised as ``fn[grid](*args, **kwargs)`` would on that GPU (tensors may live on the CPU: only their dtype and
+    the alignment of their addresses are read), then Triton's own pipeline runs down to the cubin (its bundled
+    ``ptxas``). What the compiler decides (registers, shared memory, which loads are pipelined) is the GPU's; no
+    timing is. Triton 3.6's binder and ``_pack_args``."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    if not triton.__version__.startswith(TRITON_RELEASE):
+        raise RuntimeError(f"compile_for_target uses Triton {TRITON_RELEASE}x internals; this is {triton.__version__}")
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise TypeError("compile_for_target needs the jitted kernel: unset TRITON_INTERPRET")
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = {**kwargs, "debug": False, "instrumentation_mode": ""}
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def compile_report(kernel: "triton.compiler.CompiledKernel") -> dict:
+    """The compiler's view of a kernel from :func:`compile_for_target`: registers and local-memory (spill) bytes per
+    thread from the cubin (``cuobjdump -res-usage``), shared memory, and per element type the loads in the
+    ``cp.async`` shared-memory pipeline; MMA instructions by kind (``wgmma``: Hopper's 64-row warpgroup MMA)."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output: {usage[-500:]}")
+    pipelined: dict[str, int] = {}
+    for line in kernel.asm["ttgir"].splitlines():
+        copy = re.search(r"ttg\.async_copy_global_to_local .*-> <[0-9x]+x(\w+),", line)
+        if copy:
+            pipelined[copy.group(1)] = pipelined.get(copy.group(1), 0) + 1
+    ptx = kernel.asm["ptx"]
+    return {
+        "registers": int(found.group(1)),
+        "stack_bytes": int(found.group(2)),
+        "local_bytes": int(found.group(3)),
+        "shared_bytes": kernel.metadata.shared,
+        "async_copies": pipelined,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma_sync": ptx.count("mma.sync"),
+    }
+
+
+__all__ = [
+    "DISABLE_ENV",
+    "TRITON_RELEASE",
+    "CompiledLauncher",
+    "compile_for_target",
+    "compile_report",
+    "current_device",
+    "current_stream",
+]

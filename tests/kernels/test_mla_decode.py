@@ -378,28 +378,33 @@ def test_fp8_quantisation_error_is_within_half_an_e4m3_step():
 
 @pytest.mark.parametrize("heads", [1, 16])
 @pytest.mark.parametrize("splits", [1, 3], ids=["one_split", "three_splits"])
-def test_fp8_cache_in_656_byte_rows_matches_the_reference(poisoned, device, heads, splits):
+@pytest.mark.parametrize("reload", [False, True], ids=["one_load", "reload"])
+def test_fp8_cache_in_656_byte_rows_matches_the_reference(poisoned, device, heads, splits, reload):
     """e4m3 latent + per-group scales + bf16 rope, strided views of one 656-byte row per token: the kernel
     dequantises in its loads; the fp64 reference dequantises up front. Same arithmetic, so the fp32 tolerance."""
     lens = torch.tensor([1, 45, 64], dtype=torch.int32, device=device)
     q_latent, q_pe, c_kv, k_pe = make_inputs(3, heads, 512, 64, 3, 64, device, seed=8)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
     assert c8.stride(1) * c8.element_size() == 656 and scale.stride(1) == 164 and k_pe16.stride(1) == 328
-    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=splits, config=SMALL)
+    config = dataclasses.replace(SMALL, fp8_reload=reload)
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=splits, config=config)
     want = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale)
     check(got, want, atol=2e-5)
 
 
-def test_fp8_latent_of_three_groups(poisoned, device):
+@pytest.mark.parametrize("reload", [False, True], ids=["one_load", "reload"])
+def test_fp8_latent_of_three_groups(poisoned, device, reload):
     """d_c = 384: three scale groups, three accumulators (the fourth is never touched)."""
     lens = torch.tensor([70, 9], dtype=torch.int32, device=device)
     q_latent, q_pe, c_kv, k_pe = make_inputs(2, 3, 384, 32, 2, 70, device, seed=12)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
-    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=SMALL)
+    config = dataclasses.replace(SMALL, fp8_reload=reload)
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=config)
     check(got, mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale), atol=2e-5)
 
 
-def test_fp8_paged_cache_with_a_key_mask(poisoned, device):
+@pytest.mark.parametrize("reload", [False, True], ids=["one_load", "reload"])
+def test_fp8_paged_cache_with_a_key_mask(poisoned, device, reload):
     gen = torch.Generator().manual_seed(9)
     page_size, max_blocks, rows = 16, 3, 2
     num_blocks = rows * max_blocks + 1
@@ -413,7 +418,8 @@ def test_fp8_paged_cache_with_a_key_mask(poisoned, device):
     mask = mask.to(device)
     lens = torch.tensor([30, 48], dtype=torch.int32, device=device)
     kwargs = dict(c_kv_scale=scale, block_table=block_table, key_mask=mask)
-    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, num_splits=2, config=SMALL, **kwargs)
+    config = dataclasses.replace(SMALL, fp8_reload=reload)
+    got = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.3, num_splits=2, config=config, **kwargs)
     check(got, mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.3, **kwargs), atol=2e-5)
 
 
@@ -438,7 +444,8 @@ def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, devi
 @pytest.mark.parametrize("magnitude", [1.0e-6, 0.05, 3.0e4], ids=["tiny_queries", "small_queries", "large_queries"])
 @pytest.mark.parametrize("splits", [1, 2], ids=["one_split", "two_splits"])
 @pytest.mark.parametrize("d_c", [512, 384])
-def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude, splits, d_c):
+@pytest.mark.parametrize("reload", [False, True], ids=["one_load", "reload"])
+def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude, splits, d_c, reload):
     """``fp8_mma="fp16"``: 16-bit latent queries enter fp16 MMAs scaled by a power of two into [2^7, 2^8) (so bf16
     queries past fp16's 65504, or below its normal range, lose nothing) and p * scale * 512 is rounded to fp16
     (2^-11 relative, finer than bf16's 2^-8), then divided out of the output. Against the fp64 attention over the
@@ -453,7 +460,7 @@ def test_fp8_with_fp16_mmas_for_16_bit_queries(poisoned, device, magnitude, spli
     q_pe = q_pe.to(dtype)
     scale = 0.1 / magnitude
     c8, c_scale, k_pe16 = fp8_rows(c_kv, k_pe)
-    config = DecodeConfig(block_n=16, min_split_tokens=16, fp8_mma="fp16")
+    config = DecodeConfig(block_n=16, min_split_tokens=16, fp8_mma="fp16", fp8_reload=reload)
     out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale, num_splits=splits, config=config)
     ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, scale, c_kv_scale=c_scale)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -491,13 +498,15 @@ def test_fp8_decode_bytes_are_flashmla_rows():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("heads", [16, 128])
 @pytest.mark.parametrize("fp8_mma", ["bf16", "fp16"])
-def test_fp8_real_shapes_on_gpu(heads, fp8_mma):
+@pytest.mark.parametrize("reload", [False, True], ids=["one_load", "reload"])
+def test_fp8_real_shapes_on_gpu(heads, fp8_mma, reload):
     """DeepSeek-V3 widths in FlashMLA's 656-byte rows, bf16 queries, ragged lengths up to 9k, auto splits."""
     device = torch.device("cuda")
     lens = torch.tensor([9001, 1, 4096, 777], dtype=torch.int32, device=device)
     q_latent, q_pe, c_kv, k_pe = make_inputs(4, heads, 512, 64, 4, 9024, device, dtype=torch.bfloat16, seed=7)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
-    config = dataclasses.replace(default_config(heads, 4, num_sms(device), 9024, fp8=True), fp8_mma=fp8_mma)
+    config = default_config(heads, 4, num_sms(device), 9024, fp8=True)
+    config = dataclasses.replace(config, fp8_mma=fp8_mma, fp8_reload=reload)
     out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale, config=config)
     ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 192**-0.5, c_kv_scale=scale)
     assert torch.isfinite(out).all()

@@ -441,7 +441,9 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
         [str(session), "start", "5"], cwd=work, env={**env, "PIPELINE": "from_deltas"}, capture_output=True, text=True
     )
     assert unknown.returncode == 2
-    assert "PIPELINE=from_deltas: use pipeline, from_delta, from_dpo_delta or eval_sft64k_delta" in unknown.stderr
+    assert "PIPELINE=from_deltas: use pipeline, from_delta, extend_delta, from_dpo_delta or eval_sft64k_delta" in (
+        unknown.stderr
+    )
     assert not (results / "timeline.txt").exists()
     no_dpo_delta = subprocess.run(
         [str(session), "start", "5"],
@@ -452,6 +454,54 @@ def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_ev
     )
     assert no_dpo_delta.returncode == 1
     assert "carry .big/mla_dpo_delta.safetensors (DPO_DELTA names it)" in no_dpo_delta.stderr
+
+
+def test_device_session_extend_delta_trains_the_64k_stage_again_at_the_new_factor(tmp_path):
+    """``PIPELINE=extend_delta YARN_FACTOR=128.0``: the carried 64k-stage model (trained at x32) is rebuilt, its 64k
+    stage trained again from it at the new factor (no factor check stops it), kept as a delta, then DPO from that
+    stage's output, the grid, and the 1M prompts after the rest."""
+    session = BENCHMARKS / "device" / "long_context_session.sh"
+    calls = tmp_path / "calls.txt"
+    study = _stand_in(
+        tmp_path,
+        "study.sh",
+        f'echo "$1 TAG=${{TAG:-}} MODELS=${{MODELS:-}} NAMES=${{MODEL_NAMES:-}} YARN=${{YARN_FACTOR:-}} '
+        f"DELTA=${{DELTA:-}} TUNED=${{TUNED:-}} SFT_ARGS=${{SFT_ARGS:-}} DPO_ARGS=${{DPO_ARGS:-}} "
+        f'ARGS=${{EVAL_ARGS:-}}" >> {calls}\n'
+        '[ "$1" = delta ] && head -c 100 /dev/zero > "$3/mla_dpo_delta.safetensors"\n' + REBUILD_CONFIG + "exit 0\n",
+    )
+    results, big, work = tmp_path / "results", tmp_path / "big", tmp_path / "work"
+    work.mkdir()
+    env = {
+        "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin",
+        "STUDY": str(study),
+        "RESULTS": str(results),
+        "BIG": str(big),
+        "SFT64K_DELTA": "x32.safetensors",
+        "YARN_FACTOR": "128.0",
+        "REBUILT_FACTOR": "32.0",
+        "MILLION": "1",
+        "MILLION_GPUS": "0",
+    }
+    run = subprocess.run([str(session), "extend_delta"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = calls.read_text().splitlines()
+    stages = [line.split()[0] for line in lines]
+    assert stages[:2] == ["rebuild", "sft64k"] and stages.index("dpo") > 1 and stages.count("extract") == 1
+    assert f"DELTA={big}/x32.safetensors " in lines[0]
+    sft64k = lines[1]
+    assert "MODELS=mla " in sft64k and "YARN=128.0 " in sft64k
+    assert "SFT_ARGS=checkpointer.checkpoint_dir=outputs/smollm2_135m/long_sft64k_mla_delta " in sft64k
+    (extract,) = [line for line in lines if line.startswith("extract ")]
+    assert "TUNED=outputs/smollm2_135m/long_sft64k_mla/epoch_0 " in extract
+    (dpo,) = [line for line in lines if line.startswith("dpo ")]
+    assert "MODELS=mla " in dpo and "DPO_ARGS= " in dpo  # the DPO config's own checkpoint: the new 64k stage
+    tags = {line.split()[1] for line in lines if line.startswith("landmark ")}
+    assert tags == {f"TAG={t}" for t in ("mla_128k_a", "mla_128k_b", "mla_64k", "mla_4k_32k", "fp8_128k")}
+    assert lines[-1].startswith("million TAG=mla_d0.5_t0 MODELS= NAMES=mla_dpo YARN=128.0 DELTA= ")
+    timeline = (results / "timeline.txt").read_text()
+    assert "FAILED" not in timeline and timeline.rstrip().endswith("pipeline done")
+    assert timeline.index("sft64k done") < timeline.index("dpo start")
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,8 @@
 #                   mla_sft64k_delta.safetensors; or the shipped one, which travels with the tree), then its DPO;
 #                   then the DPO model's grid, its delta and the fp8 cache at 128k, and with MILLION the 1M prompts
 #                   after the rest (MLA only: 16 fewer minutes of training, no GQA control)
+#   extend_delta    as from_delta, but the 64k stage is first trained again from the rebuilt model at YARN_FACTOR
+#                   (e.g. the shipped x32 model carried to x128, whose range covers 1M), then DPO from it
 #   from_dpo_delta  the MLA model after DPO rebuilt from its delta (.big/$DPO_DELTA, default mla_dpo_delta.safetensors):
 #                   no training; the same grid (GRID=0: none) and MILLION prompts
 #   eval_sft64k_delta  the same for the MLA model after the 64k stage (.big/$SFT64K_DELTA), without DPO
@@ -40,7 +42,7 @@
 #
 # STUDY (default benchmarks/long_context_study.sh), RESULTS (/root/r), WORK (/root/w), BIG (/root/big), SITE (the
 # wheelhouse's install, /tmp/site), CHECKS_DIR (the install's checks run from a copy of the tree there,
-# /root/checks); PIPELINE (what `start` runs: pipeline, from_delta, from_dpo_delta or eval_sft64k_delta);
+# /root/checks); PIPELINE (what `start` runs: pipeline, from_delta, extend_delta, from_dpo_delta, eval_sft64k_delta);
 # EVAL_SFT64K=1 also evaluates the models after the 64k stage at 128k, beside DPO; PROBE=1 adds a probe at twice the
 # trained YaRN factor at 128k; MILLION=1 (bf16 cache) or both (then the fp8 cache), with
 # MILLION_DEPTHS (default 0.5) x MILLION_TRIALS (default 1), the 1M prompts, each alone on a GPU after the rest
@@ -48,7 +50,7 @@
 # the MLA model alone (no GQA control); the study's own variables pass through (e.g. YARN_FACTOR=32.0: train and
 # evaluate at YaRN x32; DPO_ARGS="loss.nll_weight=0.0": plain DPO).
 set -uo pipefail
-mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta|eval_sft64k_delta [SECONDS]}
+mode=${1:?usage: long_context_session.sh install|part|start|wait|collect|pipeline|from_delta|extend_delta|from_dpo_delta|eval_sft64k_delta [SECONDS]}
 results=$(realpath -m "${RESULTS:-/root/r}") work=$(realpath -m "${WORK:-/root/w}") big=$(realpath -m "${BIG:-/root/big}")
 site=$(realpath -m "${SITE:-/tmp/site}")
 gguf=$big/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -280,6 +282,27 @@ from_delta() {
   million_alone mla_dpo
 }
 
+# The 64k stage's model carried on to another YaRN factor (YARN_FACTOR, e.g. 128.0, whose range covers 1M): rebuilt
+# from its delta, its 64k stage trained again from it at the new factor (its PoSE samples span 1M positions), then
+# DPO, the grid and the MILLION prompts, as from_delta. MLA only; about 10 minutes to the end of DPO on an H200.
+extend_delta() {
+  local delta=$big/${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
+  stamp "pipeline start (from $delta, its 64k stage again at YaRN x${YARN_FACTOR:-16})"
+  stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
+  stage sft64k MODELS=mla SFT_ARGS="${SFT_ARGS:+$SFT_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
+  run sft64k_delta TUNED="$w/long_sft64k_mla/epoch_0" OUTPUT="$results/mla_sft64k_delta.safetensors" \
+    "$study" extract "$gguf" "$results"
+  stage dpo MODELS=mla  # from the 64k stage's output, the DPO config's own checkpoint
+  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
+    "$study" delta "$gguf" "$results"
+  long_grid mla mla_dpo
+  wait_for_file "$results/mla_dpo_delta.safetensors"
+  short_grid mla_dpo
+  run multi TAG=all MODEL_NAMES=mla_sft64k,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
+    "$study" multi "$gguf" "$results"
+  million_alone mla_dpo
+}
+
 # evaluate_delta DELTA DIR MODEL: the MLA model MODEL rebuilt from DELTA into $w/DIR, no training; the whole session
 # for its grid (GRID=0: none) and the MILLION prompts
 evaluate_delta() {
@@ -347,11 +370,11 @@ case $mode in
     pipeline=${PIPELINE:-pipeline}
     case $pipeline in
       pipeline) delta_var='' delta_file='' ;;
-      from_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
+      from_delta | extend_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       from_dpo_delta) delta_var=DPO_DELTA delta_file=${DPO_DELTA:-mla_dpo_delta.safetensors} ;;
       eval_sft64k_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       *)
-        echo "PIPELINE=$pipeline: use pipeline, from_delta, from_dpo_delta or eval_sft64k_delta" >&2
+        echo "PIPELINE=$pipeline: use pipeline, from_delta, extend_delta, from_dpo_delta or eval_sft64k_delta" >&2
         exit 2
         ;;
     esac
@@ -386,10 +409,11 @@ case $mode in
   collect) collect ;;
   pipeline) pipeline ;;
   from_delta) from_delta ;;
+  extend_delta) extend_delta ;;
   from_dpo_delta) from_dpo_delta ;;
   eval_sft64k_delta) eval_sft64k_delta ;;
   *)
-    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta|from_dpo_delta|eval_sft64k_delta" >&2
+    echo "unknown mode $mode: install|part|start|wait|collect|pipeline|from_delta|extend_delta|from_dpo_delta|eval_sft64k_delta" >&2
     exit 2
     ;;
 esac

@@ -240,15 +240,16 @@ def _mla_decode_stage1(
     NUM_GROUPS: tl.constexpr,  # D_C // GROUP, at most MAX_FP8_GROUPS
     FP8_F16: tl.constexpr,  # 16-bit queries: fp8 MMAs in fp16 (latent queries scaled by a power of two)
     FP8_RELOAD: tl.constexpr,  # load each fp8 group tile again for the P·V product (see _fp8_group_values)
-    KPE_ALIGN: tl.constexpr,  # the unit of stride_kpe_*: a power of two of elements (<= 16 bytes) dividing both
+    KPE_STRIDE_UNIT: tl.constexpr,  # the unit of stride_kpe_*: a power of two of elements (<= 16 B) dividing both
 ):
     # torch.compile's Inductor passes Python floats as fp64; the softmax must stay in fp32 (the dots' accumulators)
     qk_scale = tl.cast(qk_scale, tl.float32)
-    # the rope cache's strides come in units of KPE_ALIGN elements: Triton specialises an integer only on
+    # the rope cache's strides come in units of KPE_STRIDE_UNIT elements: Triton specialises an integer only on
     # divisibility by 16, which the bf16 rope key of a 656-byte fp8 row (stride 328) lacks, and rows not known to be
-    # 16-byte aligned are loaded without vectors and outside the cp.async pipeline
-    stride_kpe_b = stride_kpe_b * KPE_ALIGN
-    stride_kpe_t = stride_kpe_t * KPE_ALIGN
+    # 16-byte aligned are loaded without vectors and outside the cp.async pipeline (int64: a stride that fits int32
+    # only once divided must not wrap when multiplied back)
+    stride_kpe_b = tl.cast(stride_kpe_b, tl.int64) * KPE_STRIDE_UNIT  # tl.cast: a stride of 1 comes as a constexpr
+    stride_kpe_t = tl.cast(stride_kpe_t, tl.int64) * KPE_STRIDE_UNIT
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2)
@@ -759,7 +760,7 @@ def _make_plan(
         km_strides = (key_mask.stride(0) * queries_per_seq, key_mask.stride(0), key_mask.stride(1))
     else:
         km_strides = tuple(key_mask.stride())
-    kpe_align = math.gcd(16 // k_pe.element_size(), *k_pe.stride()[:2])
+    kpe_stride_unit = math.gcd(16 // k_pe.element_size(), *k_pe.stride()[:2])
     stage1_ints = (
         num_heads,
         queries_per_seq,
@@ -767,7 +768,7 @@ def _make_plan(
         *q_latent.stride()[:2],
         *q_pe.stride()[:2],
         *c_kv.stride()[:2],
-        *(stride // kpe_align for stride in k_pe.stride()[:2]),
+        *(stride // kpe_stride_unit for stride in k_pe.stride()[:2]),
         *((0, 0) if c_kv_scale is None else c_kv_scale.stride()[:2]),
         (block_table.shape[1] if convert_table else block_table.stride(0)) if paged else 0,
         *km_strides,
@@ -794,7 +795,7 @@ def _make_plan(
         FP8_F16=fp8
         and (q_latent.dtype == torch.float16 or (cfg.fp8_mma == "fp16" and q_latent.dtype == torch.bfloat16)),
         FP8_RELOAD=fp8 and cfg.fp8_reload,
-        KPE_ALIGN=kpe_align,
+        KPE_STRIDE_UNIT=kpe_stride_unit,
     )
     return _Plan(
         out_shape=(rows, num_heads, d_c),

@@ -260,6 +260,10 @@ def test_device_session_runs_the_stages_in_order_and_returns_the_results(tmp_pat
     kept = subprocess.run([str(session), "part"], cwd=work, env=part_env, capture_output=True, text=True)
     assert kept.returncode == 0, kept.stderr
     assert (tmp_path / "big" / "gguf.part_aa").read_bytes() == b"only the first part"
+    # the same part carried again is not rewritten (a pipeline on the machine may be reading it)
+    copied = (tmp_path / "big" / "gguf.part_aa").stat().st_mtime_ns
+    again = subprocess.run([str(session), "part"], cwd=work, env=part_env, capture_output=True, text=True)
+    assert again.returncode == 0 and (tmp_path / "big" / "gguf.part_aa").stat().st_mtime_ns == copied
 
     # start refuses a GGUF whose parts did not all arrive, before anything runs
     refused = subprocess.run([str(session), "start", "5"], cwd=work, env=env, capture_output=True, text=True)
@@ -322,8 +326,10 @@ def test_device_session_install_starts_the_checks_in_the_background(tmp_path, ch
         if len(lines) >= len(expected):
             break
         time.sleep(0.1)
+    time.sleep(0.5)  # nothing more comes
+    lines = calls.read_text().splitlines()
     assert len(lines) == len(expected) and all(line.startswith(e) for line, e in zip(lines, expected, strict=True))
-    assert all(f"--json {results}/" in line for line in lines[3:])
+    assert all(f"--json {results}/" in line for line in lines[1:] if "benchmark" in line)
 
 
 def test_device_session_from_delta_rebuilds_the_64k_model_then_trains_dpo_and_evaluates(tmp_path):
@@ -502,6 +508,21 @@ def test_device_session_extend_delta_trains_the_64k_stage_again_at_the_new_facto
     timeline = (results / "timeline.txt").read_text()
     assert "FAILED" not in timeline and timeline.rstrip().endswith("pipeline done")
     assert timeline.index("sft64k done") < timeline.index("dpo start")
+
+    # without YARN_FACTOR there is nothing to extend to: start refuses before anything runs
+    (work / ".big").mkdir()
+    (work / ".big" / "gguf.part_aa").write_bytes(b"gguf")
+    (results / "timeline.txt").unlink()
+    env = {k: v for k, v in env.items() if k != "YARN_FACTOR"}
+    refused = subprocess.run(
+        [str(session), "start", "5"],
+        cwd=work,
+        env={**env, "PIPELINE": "extend_delta", "GGUF_MD5": hashlib.md5(b"gguf").hexdigest()},
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2 and "PIPELINE=extend_delta: set YARN_FACTOR" in refused.stderr
+    assert not (results / "timeline.txt").exists()
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,16 @@ links() {  # the package names `tune run` and the configs use (pip install . nee
   [ -e recipes/configs ] || ln -s ../configs recipes/configs
 }
 
+keep_carried() {  # the carried .big/* into $big, each only when it differs and through a temporary name: a pipeline
+  local f name   # already running on this machine may be reading the one there
+  for f in .big/*; do
+    [ -f "$f" ] || continue
+    name=$big/${f##*/}
+    cmp -s "$f" "$name" && continue
+    cp "$f" "$name.$$" && mv "$name.$$" "$name" || return 1
+  done
+}
+
 collect() {
   mkdir -p "$OUT"
   # a call cut mid-write keeps the last complete archive
@@ -215,31 +225,32 @@ short_grid() {
 # CUDA_VISIBLE_DEVICES or every GPU nvidia-smi lists), the k-th process on the (k mod n)-th GPU, one at a time on each.
 million_alone() {
   wait
-  local gpus=() jobs=() depths=() cache depth trial
-  local listed
+  local gpus=() queue=() depths=() cache depth trial listed
   listed=$(nvidia-smi --query-gpu=index --format=csv,noheader 2> /dev/null | paste -sd,)
-  IFS=, read -r -a gpus <<< "${MILLION_GPUS:-${CUDA_VISIBLE_DEVICES:-$listed}}"
-  [ ${#gpus[@]} -gt 0 ] || gpus=(0)
+  IFS=, read -r -a gpus <<< "$(tr -d ' ' <<< "${MILLION_GPUS:-${CUDA_VISIBLE_DEVICES-$listed}}")"
+  [ ${#gpus[@]} -gt 0 ] || gpus=("")  # none known (or CUDA_VISIBLE_DEVICES empty): one queue, the environment's GPUs
   IFS=, read -r -a depths <<< "${MILLION_DEPTHS:-0.5}"
   for cache in bf16 fp8; do
     [ "$cache" = bf16 ] && [ -z "${MILLION:-}" ] && continue
     [ "$cache" = fp8 ] && [ "${MILLION:-}" != both ] && continue
     for depth in "${depths[@]}"; do
       for ((trial = 0; trial < ${MILLION_TRIALS:-1}; trial++)); do
-        jobs+=("$cache $depth $trial")
+        queue+=("$cache $depth $trial")
       done
     done
   done
-  local g k name tag args
+  local g k name tag args visible
   for ((g = 0; g < ${#gpus[@]}; g++)); do
+    visible=()
+    [ -n "${gpus[g]}" ] && visible=("CUDA_VISIBLE_DEVICES=${gpus[g]}")
     (
-      for ((k = g; k < ${#jobs[@]}; k += ${#gpus[@]})); do
-        read -r cache depth trial <<< "${jobs[k]}"
+      for ((k = g; k < ${#queue[@]}; k += ${#gpus[@]})); do
+        read -r cache depth trial <<< "${queue[k]}"
         name=mla_1m tag=mla args="depths=[$depth] first_trial=$trial"
         if [ "$cache" = fp8 ]; then
           name=mla_1m_fp8 tag=mla_fp8 args="$args model.kv_cache_dtype=fp8_e4m3"
         fi
-        run "${name}_d${depth}_t$trial" CUDA_VISIBLE_DEVICES="${gpus[g]}" TAG="${tag}_d${depth}_t$trial" \
+        run "${name}_d${depth}_t$trial" "${visible[@]}" TAG="${tag}_d${depth}_t$trial" \
           MODEL_NAMES="$1" TRIALS=1 EVAL_ARGS="$args" "$study" million "$gguf" "$results"
         wait
       done
@@ -287,7 +298,7 @@ from_delta() {
 # DPO, the grid and the MILLION prompts, as from_delta. MLA only; about 10 minutes to the end of DPO on an H200.
 extend_delta() {
   local delta=$big/${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
-  stamp "pipeline start (from $delta, its 64k stage again at YaRN x${YARN_FACTOR:-16})"
+  stamp "pipeline start (from $delta, its 64k stage again at YaRN x${YARN_FACTOR:?extend_delta needs YARN_FACTOR})"
   stage rebuild DELTA="$delta" REBUILT="$w/long_sft64k_mla_delta"
   stage sft64k MODELS=mla SFT_ARGS="${SFT_ARGS:+$SFT_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
   run sft64k_delta TUNED="$w/long_sft64k_mla/epoch_0" OUTPUT="$results/mla_sft64k_delta.safetensors" \
@@ -327,7 +338,7 @@ case $mode in
   install)
     links
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-    cp .big/* "$big/"
+    keep_carried
     # the GPU kernel tests and the eager host-time benchmark, in the background while the GGUF parts arrive (CHECKS=0:
     # not, leaving the GPU to the pipeline); CHECKS=bench then also the decode-speed, fp8-cache and capacity
     # benchmarks of issues 17 and 18 (about 15 minutes: on a machine of several GPUs, give them one of their own with
@@ -349,7 +360,7 @@ case $mode in
       $benches" > /dev/null 2>&1 < /dev/null &)
     ;;
   part)
-    cp .big/* "$big/" && ls -la "$big" || exit 1
+    keep_carried && ls -la "$big" || exit 1
     # the install call's machine can be released before this call arrives: say so now, not at `start`
     if [ ! -d "$site/torchtune" ]; then
       echo "no torchtune in $site: this is a fresh machine (the install call's was released); run install again" >&2
@@ -357,11 +368,11 @@ case $mode in
     fi
     ;;
   start)
-    cp .big/* "$big/" 2>/dev/null
+    keep_carried
     # joined once, atomically: a second pipeline started on this machine (other RESULTS and WORK) must not rewrite
     # the file under the first one's rebuild
     if [ ! -f "$gguf" ] || [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
-      cat "$big"/gguf.part_* > "$gguf.joining" && mv "$gguf.joining" "$gguf"
+      cat "$big"/gguf.part_* > "$gguf.$$" && mv "$gguf.$$" "$gguf"
     fi
     if [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
       echo "$gguf: md5 is not $gguf_md5 (parts: $(cd "$big" && echo gguf.part_*)); carry the missing parts" >&2
@@ -370,7 +381,14 @@ case $mode in
     pipeline=${PIPELINE:-pipeline}
     case $pipeline in
       pipeline) delta_var='' delta_file='' ;;
-      from_delta | extend_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
+      from_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
+      extend_delta)
+        if [ -z "${YARN_FACTOR:-}" ]; then
+          echo "PIPELINE=extend_delta: set YARN_FACTOR, the factor to train the 64k stage at (e.g. 128.0 for 1M)" >&2
+          exit 2
+        fi
+        delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
+        ;;
       from_dpo_delta) delta_var=DPO_DELTA delta_file=${DPO_DELTA:-mla_dpo_delta.safetensors} ;;
       eval_sft64k_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       *)

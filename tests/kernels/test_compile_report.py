@@ -1,6 +1,6 @@
 """The stage-1 kernel as the compiler builds it for an H100/H200, checked on the CPU (``benchmark_mla.py
 --compile-report``: Triton's own pipeline down to the cubin, ``cuobjdump`` for the registers). These are the facts
-behind two choices of the kernel: the rope key's strides handed over in 16-byte units (``KPE_ALIGN``) and
+behind two choices of the kernel: the rope key's strides handed over in 16-byte units (``KPE_STRIDE_UNIT``) and
 ``DecodeConfig.fp8_reload``. No timing: that needs the GPU (docs/results/kernels.md)."""
 
 import json
@@ -21,6 +21,7 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark_mla.
 def report(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # jitted kernels, not the interpreter's
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCHMARK.parents[1]), env.get("PYTHONPATH", "")])  # this tree's kernels
     done = subprocess.run(
         [sys.executable, str(BENCHMARK), "--compile-report", "--shapes", "1x131072", "--json", str(out)],
         env=env,

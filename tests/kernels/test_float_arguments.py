@@ -41,7 +41,7 @@ _LOWER = textwrap.dedent(
 )
 _STAGE1 = dict(queries_per_seq=1, D_C=512, D_R=64, BLOCK_C=512, BLOCK_R=64, BLOCK_H=16, BLOCK_N=32, MIN_SPLIT=64,
                PAGE_SIZE=1, PAGED=False, HAS_MASK=False, DIRECT=False, IEEE=False, NUM_STAGES=3, FP8=False, GROUP=128,
-               NUM_GROUPS=4, FP8_F16=False, FP8_RELOAD=False, KPE_ALIGN=8)  # fmt: skip
+               NUM_GROUPS=4, FP8_F16=False, FP8_RELOAD=False, KPE_STRIDE_UNIT=8)  # fmt: skip
 _INDEX = {"seq_lens_ptr": "*i32", "block_table_ptr": "*i32", "key_mask_ptr": "*i32"}
 _FLOAT_ARGUMENT_KERNELS = {
     "decode stage 1, bf16 cache": (

@@ -423,7 +423,8 @@ def test_fp8_paged_cache_with_a_key_mask(poisoned, device, reload):
     check(got, mla_decode_reference(q_latent, q_pe, c8, k_pe16, lens, 0.3, **kwargs), atol=2e-5)
 
 
-def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, device):
+@pytest.mark.parametrize("reload", [False, True], ids=["one_load", "reload"])
+def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, device, reload):
     """16-bit queries over the fp8 cache vs the fp64 attention over the original (unquantised) values: the output
     error stays within the e4m3 round-off of the values it averages (<= 2^-4 relative each, see the test above).
 
@@ -434,7 +435,8 @@ def test_fp8_half_precision_queries_against_the_unquantised_cache(poisoned, devi
     q_latent, q_pe, c_kv, k_pe = make_inputs(2, 16, 512, 64, 2, 200, device, seed=11)
     q_latent, q_pe = (q_latent * 0.05).to(dtype), q_pe.to(dtype)
     c8, scale, k_pe16 = fp8_rows(c_kv, k_pe)
-    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=SMALL)
+    config = dataclasses.replace(SMALL, fp8_reload=reload)
+    out, lse = mla_decode(q_latent, q_pe, c8, k_pe16, lens, 0.1, c_kv_scale=scale, num_splits=2, config=config)
     ref_out, ref_lse = mla_decode_reference(q_latent, q_pe, c_kv, k_pe, lens, 0.1)
     assert out.dtype == dtype
     rel = (out.double().cpu() - ref_out.cpu()).norm() / ref_out.cpu().norm()

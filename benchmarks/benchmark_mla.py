@@ -43,7 +43,7 @@ from dataclasses import asdict, replace
 import torch
 
 from mla_components.modules.attention import absorbed_attention_torch
-from mla_kernels.fp8 import quantize_latent_fp8
+from mla_kernels.fp8 import FP8_GROUP_SIZE, fp8_row_views, quantize_latent_fp8
 from mla_kernels.mla_decode import (
     DecodeConfig,
     choose_num_splits,
@@ -241,13 +241,12 @@ def fp8_cache(p: dict) -> dict:
     rope = p["k_pe"].contiguous()
     rows = torch.cat([values.view(torch.uint8), scale.view(torch.uint8), rope.view(torch.uint8)], dim=-1)
     del values, scale, rope
-    groups = D_C // 128
-    return dict(
-        rows=rows,
-        c_kv=rows[..., :D_C].view(torch.float8_e4m3fn),
-        c_kv_scale=rows[..., D_C : D_C + 4 * groups].view(torch.float32),
-        k_pe=rows[..., D_C + 4 * groups :].view(torch.bfloat16),
-    )
+    return _fp8_layout(rows)
+
+
+def _fp8_layout(rows: torch.Tensor) -> dict:
+    c_kv, c_kv_scale, k_pe = fp8_row_views(rows, D_C)
+    return dict(rows=rows, c_kv=c_kv, c_kv_scale=c_kv_scale, k_pe=k_pe)
 
 
 def fp8_variants(base: DecodeConfig) -> dict[str, DecodeConfig]:
@@ -540,11 +539,8 @@ def compile_report(args) -> list[dict]:
             lens = torch.full((batch,), length, dtype=torch.int32)
             cache = torch.empty(batch, length, D_C + D_R, dtype=torch.bfloat16)  # never touched
             bf16 = dict(c_kv=cache[..., :D_C], k_pe=cache[..., D_C:], c_kv_scale=None)
-            packed = torch.empty(batch, length, D_C + 4 * (D_C // 128) + 2 * D_R, dtype=torch.uint8)
-            fp8 = dict(
-                c_kv=packed[..., :D_C].view(torch.float8_e4m3fn),
-                c_kv_scale=packed[..., D_C : D_C + 16].view(torch.float32),
-                k_pe=packed[..., D_C + 16 :].view(torch.bfloat16),
+            fp8 = _fp8_layout(
+                torch.empty(batch, length, D_C + 4 * (D_C // FP8_GROUP_SIZE) + 2 * D_R, dtype=torch.uint8)
             )
             variants = {"bf16": (bf16, None)}
             if heads <= 16:
@@ -564,7 +560,7 @@ def compile_report(args) -> list[dict]:
                 print(f"H={heads:3d} {batch:3d}x{length:6d} {name:24s} regs {report['registers']:3d} spill {spill} B "
                       f"smem {report['shared_bytes'] // 1024:3d} KiB pipelined {report['async_copies']} "
                       f"wgmma {report['wgmma']} mma.sync {report['mma_sync']}", flush=True)  # fmt: skip
-            del cache, packed
+            del cache, fp8
     return rows
 
 

@@ -3,6 +3,7 @@ with one fp32 scale per ``FP8_GROUP_SIZE`` values of each token, ``scale = amax 
 
 - :func:`quantize_latent_fp8` / :func:`dequantize_latent_fp8`: the format in PyTorch (the kernel dequantises the
   same way in its loads).
+- :func:`fp8_row_views`: the three views of one packed row per token (FlashMLA's 656 bytes for 512 + 64).
 """
 
 import torch
@@ -31,3 +32,15 @@ def dequantize_latent_fp8(values: torch.Tensor, scale: torch.Tensor, dtype: torc
     (the product is taken in fp32, as the kernel does in registers)."""
     groups = values.float().unflatten(-1, (scale.shape[-1], values.shape[-1] // scale.shape[-1]))
     return (groups * scale.float()[..., None]).flatten(-2).to(dtype)
+
+
+def fp8_row_views(rows: torch.Tensor, d_c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed uint8 rows ``[..., d_c + 4 * d_c / FP8_GROUP_SIZE + 2 * d_r]`` (e4m3 latent, fp32 group scales, bf16
+    rope key, as ``MLAKVCache`` stores them) -> strided views ``(c_kv e4m3 [..., d_c], c_kv_scale fp32
+    [..., d_c / FP8_GROUP_SIZE], k_pe bf16 [..., d_r])``."""
+    rope = d_c + 4 * (d_c // FP8_GROUP_SIZE)
+    return (
+        rows[..., :d_c].view(torch.float8_e4m3fn),
+        rows[..., d_c:rope].view(torch.float32),
+        rows[..., rope:].view(torch.bfloat16),
+    )

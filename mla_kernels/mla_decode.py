@@ -632,13 +632,7 @@ def mla_decode(
         out = torch.empty(plan.out_shape, device=device, dtype=q_latent.dtype)
     if lse is None:
         lse = torch.empty(plan.out_shape[:2], device=device, dtype=torch.float32)
-    if plan.splits == 1:
-        part_out, part_lse = out, lse
-    else:  # one fp32 scratch: the partial outputs [R, H, S, d_c], then their log2-sum-exps [R, H, S]
-        part_out = (
-            workspace if workspace is not None else torch.empty(plan.scratch_numel, device=device, dtype=torch.float32)
-        )
-        part_lse = part_out[plan.part_lse_offset :]
+    part_out, part_lse = _stage1_outputs(plan, out, lse, workspace)
     _STAGE1(
         plan,
         plan.grid1,
@@ -651,6 +645,17 @@ def mla_decode(
     if plan.splits > 1:
         _STAGE2(plan, plan.grid2, (part_out, part_lse, out, lse), plan.stage2_ints, plan.stage2_constexprs, {})
     return out, lse
+
+
+def _stage1_outputs(plan: "_Plan", out, lse, workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where stage 1 writes: ``out`` and ``lse`` themselves with one split; else one fp32 scratch (``workspace``, or
+    allocated) holding the partial outputs ``[R, H, S, d_c]`` and then their log2-sum-exps ``[R, H, S]``."""
+    if plan.splits == 1:
+        return out, lse
+    scratch = workspace
+    if scratch is None:
+        scratch = torch.empty(plan.scratch_numel, device=out.device, dtype=torch.float32)
+    return scratch, scratch[plan.part_lse_offset :]
 
 
 def decode_workspace(
@@ -840,12 +845,8 @@ def stage1_compile_report(
 
     plan = _make_plan(q_latent, q_pe, c_kv, k_pe, seq_lens, c_kv_scale, None, None, None, config, sms=sms)
     seq_lens = seq_lens.to(torch.int32).contiguous()
-    if plan.splits == 1:
-        part_out = torch.empty(plan.out_shape, dtype=q_latent.dtype)
-        part_lse = torch.empty(plan.out_shape[:2], dtype=torch.float32)
-    else:
-        part_out = torch.empty(plan.scratch_numel, dtype=torch.float32)
-        part_lse = part_out[plan.part_lse_offset :]
+    out = torch.empty(plan.out_shape, dtype=q_latent.dtype)
+    part_out, part_lse = _stage1_outputs(plan, out, torch.empty(plan.out_shape[:2], dtype=torch.float32), None)
     pointers = (q_latent, q_pe, c_kv, k_pe, c_kv if c_kv_scale is None else c_kv_scale, seq_lens, seq_lens, seq_lens,
                 part_out, part_lse)  # fmt: skip
     kwargs = dict(zip(_STAGE1.constexpr_names, plan.stage1_constexprs, strict=True))

@@ -15,7 +15,7 @@ from tests._requirements import require_module
 require_module("triton", 'pip install -e ".[triton]"')
 
 import mla_kernels.mla_decode as mla_decode_module  # noqa: E402
-from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, quantize_latent_fp8  # noqa: E402
+from mla_kernels.fp8 import FP8_GROUP_SIZE, dequantize_latent_fp8, fp8_row_views, quantize_latent_fp8  # noqa: E402
 from mla_kernels.mla_decode import (  # noqa: E402
     DecodeConfig,
     choose_num_splits,
@@ -346,12 +346,7 @@ def fp8_rows(c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torc
     values, scale = quantize_latent_fp8(c_kv)
     rope = k_pe.to(torch.bfloat16).contiguous()
     rows = torch.cat([values.view(torch.uint8), scale.view(torch.uint8), rope.view(torch.uint8)], dim=-1)
-    d_c, groups = c_kv.shape[-1], scale.shape[-1]
-    return (
-        rows[..., :d_c].view(torch.float8_e4m3fn),
-        rows[..., d_c : d_c + 4 * groups].view(torch.float32),
-        rows[..., d_c + 4 * groups :].view(torch.bfloat16),
-    )
+    return fp8_row_views(rows, c_kv.shape[-1])
 
 
 def test_fp8_quantisation_error_is_within_half_an_e4m3_step():

@@ -271,6 +271,19 @@ trained_factor() {
   fi
 }
 
+# after_mla_dpo SFT64K_MODEL: what follows the MLA model's DPO in the delta pipelines: the DPO model's delta and its
+# grid, multi-needle beside the model DPO started from, then the MILLION prompts
+after_mla_dpo() {
+  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
+    "$study" delta "$gguf" "$results"
+  long_grid mla mla_dpo
+  wait_for_file "$results/mla_dpo_delta.safetensors"  # the delta first: it is what survives a lost machine
+  short_grid mla_dpo
+  run multi TAG=all MODEL_NAMES="$1",mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
+    "$study" multi "$gguf" "$results"
+  million_alone mla_dpo
+}
+
 # The MLA model after the 64k stage from its delta: it skips prepare, sft and sft64k (about 16 minutes), so the time
 # goes to DPO and 20-prompt cells.
 from_delta() {
@@ -283,14 +296,7 @@ from_delta() {
     landmark s64_128k_b mla_sft64k_delta 4 "context_lengths=[131072] depths=[0.5,0.75,1.0]"
   fi
   stage dpo MODELS=mla DPO_ARGS="${DPO_ARGS:+$DPO_ARGS }checkpointer.checkpoint_dir=$w/long_sft64k_mla_delta"
-  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
-    "$study" delta "$gguf" "$results"
-  long_grid mla mla_dpo
-  wait_for_file "$results/mla_dpo_delta.safetensors"  # the delta first: it is what survives a lost machine
-  short_grid mla_dpo
-  run multi TAG=all MODEL_NAMES=mla_sft64k_delta,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
-    "$study" multi "$gguf" "$results"
-  million_alone mla_dpo
+  after_mla_dpo mla_sft64k_delta
 }
 
 # The 64k stage's model carried on to another YaRN factor (YARN_FACTOR, e.g. 128.0, whose range covers 1M): rebuilt
@@ -304,14 +310,7 @@ extend_delta() {
   run sft64k_delta TUNED="$w/long_sft64k_mla/epoch_0" OUTPUT="$results/mla_sft64k_delta.safetensors" \
     "$study" extract "$gguf" "$results"
   stage dpo MODELS=mla  # from the 64k stage's output, the DPO config's own checkpoint
-  run delta MODEL_NAMES=mla_dpo_delta TRIALS=1 EVAL_ARGS="context_lengths=[4096,32768]" \
-    "$study" delta "$gguf" "$results"
-  long_grid mla mla_dpo
-  wait_for_file "$results/mla_dpo_delta.safetensors"
-  short_grid mla_dpo
-  run multi TAG=all MODEL_NAMES=mla_sft64k,mla_dpo TRIALS=2 EVAL_ARGS="context_lengths=[16384]" \
-    "$study" multi "$gguf" "$results"
-  million_alone mla_dpo
+  after_mla_dpo mla_sft64k
 }
 
 # evaluate_delta DELTA DIR MODEL: the MLA model MODEL rebuilt from DELTA into $w/DIR, no training; the whole session
@@ -373,24 +372,22 @@ case $mode in
     # the file under the first one's rebuild
     if [ ! -f "$gguf" ] || [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
       cat "$big"/gguf.part_* > "$gguf.$$" && mv "$gguf.$$" "$gguf"
-    fi
-    if [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
-      echo "$gguf: md5 is not $gguf_md5 (parts: $(cd "$big" && echo gguf.part_*)); carry the missing parts" >&2
-      exit 1
+      if [ "$(md5sum < "$gguf" | cut -d' ' -f1)" != "$gguf_md5" ]; then
+        echo "$gguf: md5 is not $gguf_md5 (parts: $(cd "$big" && echo gguf.part_*)); carry the missing parts" >&2
+        exit 1
+      fi
     fi
     pipeline=${PIPELINE:-pipeline}
+    if [ "$pipeline" = extend_delta ] && [ -z "${YARN_FACTOR:-}" ]; then
+      echo "PIPELINE=extend_delta: set YARN_FACTOR, the factor to train the 64k stage at (e.g. 128.0 for 1M)" >&2
+      exit 2
+    fi
     case $pipeline in
       pipeline) delta_var='' delta_file='' ;;
-      from_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
-      extend_delta)
-        if [ -z "${YARN_FACTOR:-}" ]; then
-          echo "PIPELINE=extend_delta: set YARN_FACTOR, the factor to train the 64k stage at (e.g. 128.0 for 1M)" >&2
-          exit 2
-        fi
+      from_delta | extend_delta | eval_sft64k_delta)
         delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors}
         ;;
       from_dpo_delta) delta_var=DPO_DELTA delta_file=${DPO_DELTA:-mla_dpo_delta.safetensors} ;;
-      eval_sft64k_delta) delta_var=SFT64K_DELTA delta_file=${SFT64K_DELTA:-mla_sft64k_delta.safetensors} ;;
       *)
         echo "PIPELINE=$pipeline: use pipeline, from_delta, extend_delta, from_dpo_delta or eval_sft64k_delta" >&2
         exit 2
